@@ -1,0 +1,70 @@
+"""One exception tree for everything bgsave raises.
+
+::
+
+    BgsaveError
+    ├── InvalidArgumentError      bad input, raised at the call; nothing was written
+    │                             (also a ValueError and a TypeError, so plain handlers catch it)
+    ├── ManagerClosedError        a call after CheckpointManager.close() (also a RuntimeError)
+    └── CheckpointError           a checkpoint could not be written or read; carries .epoch and .path
+        ├── CheckpointWriteError  a write failed (in the background or not); the cause is chained
+        ├── CheckpointReadError   a checkpoint file is truncated, corrupt or unreadable
+        └── CheckpointNotFoundError  an explicitly requested checkpoint does not exist
+
+Background failures are kept by the worker and raised once, in order, at the caller's next
+``save_*``, ``wait()`` or ``close()``: never only logged, never as formatted traceback text.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "BgsaveError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointReadError",
+    "CheckpointWriteError",
+    "InvalidArgumentError",
+    "ManagerClosedError",
+)
+
+
+class BgsaveError(Exception):
+    """Base class of every error bgsave raises."""
+
+
+class InvalidArgumentError(BgsaveError, ValueError, TypeError):
+    """An argument is not allowed; the message names it and what is allowed.
+
+    Raised before anything is queued or written.
+    """
+
+
+class ManagerClosedError(BgsaveError, RuntimeError):
+    """The CheckpointManager was closed; open a new one to keep saving."""
+
+
+class CheckpointError(BgsaveError):
+    """A checkpoint could not be written or read.
+
+    Attributes:
+        epoch: The epoch of the checkpoint, or None where no epoch applies
+            (for example the trainer state of an unknown epoch).
+        path: The path or URL of the file concerned.
+    """
+
+    def __init__(self, message: str, *, epoch: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.path = path
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed; ``__cause__`` holds the original error."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint file is truncated, corrupt or cannot be read."""
+
+
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """An explicitly requested checkpoint does not exist (or is not committed)."""

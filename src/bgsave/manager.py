@@ -1,0 +1,444 @@
+"""CheckpointManager: the seed design's methods, a background worker behind them, and read-your-writes.
+
+Layout of a run directory (local path or fsspec URL)::
+
+    {run_dir}/checkpoints/model_0000.pt      torch.save(agent): the whole module, CPU tensors
+    {run_dir}/checkpoints/model_0000.yaml    sidecar, written last: its presence commits the checkpoint
+    {run_dir}/checkpoints/trainer_state.pt   {"optimizer_state", "epoch", "agent_step"}, replaced atomically
+
+Every ``save_*`` validates its arguments, takes a CPU snapshot (:mod:`bgsave.snapshot`) and hands it
+to the worker (:mod:`bgsave.worker`), which writes through :mod:`bgsave.storage`. The manager's own
+find/load calls first wait for its pending writes, so it always reads what it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import IO, Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from bgsave import index
+from bgsave import sidecar as sidecar_schema
+from bgsave.errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, ManagerClosedError
+from bgsave.snapshot import Snapshot, SnapshotPool
+from bgsave.storage import Storage
+from bgsave.worker import Job, SaveRecord, Worker
+
+__all__ = ("CheckpointManager", "RunStart", "Stateful")
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+
+AgentT = TypeVar("AgentT")
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()``, such as a ``torch.optim.Optimizer``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The object's state as a dict of tensors and plain values."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunStart:
+    """What :meth:`CheckpointManager.start_run` found or created.
+
+    Attributes:
+        agent: The resumed agent, or the new one (already saved as epoch 0).
+        epoch: The epoch the agent was saved at.
+        agent_step: The agent step of that checkpoint.
+        trainer_state: ``{"optimizer_state", "epoch", "agent_step"}`` when resuming and one exists.
+        resumed: Whether an existing checkpoint was loaded.
+    """
+
+    agent: Any
+    epoch: int
+    agent_step: int
+    trainer_state: dict[str, Any] | None
+    resumed: bool
+
+
+def _validate_run_name(run_name: object) -> str:
+    if not isinstance(run_name, str) or not run_name.strip():
+        raise InvalidArgumentError(f"run_name must be a non-empty string, got {run_name!r}")
+    if "/" in run_name or "\\" in run_name or os.sep in run_name or ".." in run_name or "\0" in run_name:
+        raise InvalidArgumentError(
+            f"run_name must not contain a path separator, '..' or NUL (it names a run, not a path), got {run_name!r}"
+        )
+    return run_name
+
+
+def _validate_agent_step(agent_step: object) -> int:
+    return sidecar_schema.validate_epoch(agent_step, argument="agent_step")
+
+
+class CheckpointManager:
+    """Saves and finds a run's checkpoints, writing in the background.
+
+    Args:
+        run_dir: The run directory: a local path or an fsspec URL (``s3://bucket/runs/x``).
+        run_name: The run's name, recorded in every sidecar. No path separators or ``..``.
+        background: Write on a background worker (default). False writes in the calling thread
+            with the same files and errors (for debugging, and the baseline in benchmarks).
+        max_pending: How many saves may wait behind the one being written before ``save_*`` blocks.
+            Memory for snapshots stays within ``max_pending + 1`` copies of the model.
+        storage_options: Passed to fsspec (endpoint, credentials, ...).
+
+    Example:
+        >>> with CheckpointManager("runs/exp1", "exp1") as mgr:  # doctest: +SKIP
+        ...     mgr.save_agent(agent, epoch=10, metadata={"agent_step": 40960, "score": 0.8})
+        ...     mgr.save_trainer_state(optimizer, epoch=10, agent_step=40960)
+        >>> agent = CheckpointManager("runs/exp1", "exp1").load_agent()  # doctest: +SKIP
+
+    Raises:
+        InvalidArgumentError: an argument is not allowed (nothing is created on disk).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        run_name: str,
+        *,
+        background: bool = True,
+        max_pending: int = 1,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._run_name = _validate_run_name(run_name)
+        if not isinstance(background, bool):
+            raise InvalidArgumentError(f"background must be True or False, got {background!r}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 0:
+            raise InvalidArgumentError(f"max_pending must be an int >= 0, got {max_pending!r}")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise InvalidArgumentError(
+                f"storage_options must be a mapping or None, got {type(storage_options).__name__}"
+            )
+        self._storage = Storage(os.fspath(run_dir) if isinstance(run_dir, os.PathLike) else run_dir, storage_options)
+        if self._storage.is_file(self._storage.root):
+            raise InvalidArgumentError(f"run_dir {run_dir!s} is an existing file; it must be a directory")
+        self._dir = self._storage.join("checkpoints")
+        self._storage.remove_stale_temps(self._dir)
+        self._pool = SnapshotPool()
+        self._closed = False
+        self._worker = Worker(background=background, max_pending=max_pending, name=self._run_name)
+        # Flush pending writes when the manager is dropped unclosed, or at interpreter exit, before
+        # non-daemon threads are joined (see the worker module). The callback holds no reference to self.
+        self._finalizer = weakref.finalize(self, _close_quietly, self._worker, self._pool, self._run_name)
+        self._finalizer.atexit = False
+        _register_exit_hook(self._finalizer)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> str:
+        """``{run_dir}/checkpoints`` (a local path, or the URL for remote run directories)."""
+        return self._storage.display(self._dir)
+
+    @property
+    def run_name(self) -> str:
+        """The run's name."""
+        return self._run_name
+
+    @property
+    def records(self) -> tuple[SaveRecord, ...]:
+        """Timings of finished saves, oldest first (the last 1024): stall, queue wait, write time, bytes."""
+        return tuple(self._worker.records)
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save_agent(self, agent: Any, epoch: int, metadata: Mapping[str, Any] | None = None) -> str:
+        """Save the whole agent as ``model_{epoch:04d}.pt`` plus its sidecar; returns the ``.pt`` path.
+
+        Returns as soon as a CPU copy is taken: the caller may then mutate or train the agent freely.
+        Saving an epoch again replaces it.
+
+        Args:
+            agent: Usually an ``nn.Module``; anything ``torch.save`` can pickle.
+            epoch: Non-negative int, the version number.
+            metadata: Scalars for the sidecar: agent_step, score, avg_reward, total_time and extras.
+
+        Raises:
+            InvalidArgumentError: bad epoch or metadata (nothing queued).
+            CheckpointWriteError: an earlier background save failed (or, without a background
+                worker, this one did).
+            ManagerClosedError: after :meth:`close`.
+        """
+        self._check_open()
+        epoch = sidecar_schema.validate_epoch(epoch)
+        sidecar = sidecar_schema.build(self._run_name, epoch, metadata)
+        self._worker.raise_errors()
+        pt = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "pt"))
+        yml = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "yaml"))
+        shown = self._storage.display(pt)
+
+        def write(snapshot: Any) -> int:
+            # Un-commit an older save of this epoch first, so its sidecar never describes the new .pt.
+            self._storage.delete(yml)
+            try:
+                size = self._storage.write_atomic(pt, _torch_writer(snapshot))
+                size += self._storage.write_bytes_atomic(yml, sidecar_schema.dumps(sidecar))
+            except BaseException:
+                self._storage.delete(pt)
+                raise
+            logger.info("%s: committed epoch %d (%s, %.1f MB)", self._run_name, epoch, shown, size / 1e6)
+            return size
+
+        self._worker.submit(self._snapshot_job("agent", epoch, shown, lambda: agent, write))
+        return shown
+
+    def save_trainer_state(self, optimizer: Stateful, epoch: int, agent_step: int) -> None:
+        """Save the optimizer state with its epoch and agent step to ``trainer_state.pt`` (replaced atomically).
+
+        Raises:
+            InvalidArgumentError: optimizer has no ``state_dict()``, or a bad epoch / agent_step.
+            CheckpointWriteError: an earlier background save failed.
+            ManagerClosedError: after :meth:`close`.
+        """
+        self._check_open()
+        if not callable(getattr(optimizer, "state_dict", None)):
+            raise InvalidArgumentError(
+                f"optimizer must have a state_dict() method (a torch.optim.Optimizer), got {type(optimizer).__name__}"
+            )
+        epoch = sidecar_schema.validate_epoch(epoch)
+        agent_step = _validate_agent_step(agent_step)
+        self._worker.raise_errors()
+        path = self._storage.join_dir(self._dir, TRAINER_STATE)
+
+        def state() -> dict[str, Any]:
+            return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "agent_step": agent_step}
+
+        def write(snapshot: Any) -> int:
+            return self._storage.write_atomic(path, _torch_writer(snapshot))
+
+        self._worker.submit(self._snapshot_job("trainer_state", epoch, self._storage.display(path), state, write))
+
+    def _snapshot_job(
+        self, kind: str, epoch: int, shown: str, value: Callable[[], Any], write: Callable[[Any], int]
+    ) -> Job:
+        """A job that snapshots ``value()`` on the caller's thread and ``write``s the copy on the worker's."""
+        holder: list[Snapshot] = []
+
+        def execute() -> int:
+            snapshot = holder[0]
+            snapshot.wait_ready()
+            self._storage.makedirs(self._dir)
+            return write(snapshot.value)
+
+        def cleanup() -> None:
+            if holder:
+                self._pool.release(holder.pop())
+
+        return Job(
+            kind=kind,
+            epoch=epoch,
+            path=shown,
+            prepare=lambda: holder.append(self._pool.take(kind, value())),
+            execute=execute,
+            cleanup=cleanup,
+        )
+
+    def save_at_interval(
+        self,
+        agent: Any,
+        epoch: int,
+        *,
+        interval: int,
+        metadata: Mapping[str, Any] | None = None,
+        optimizer: Stateful | None = None,
+    ) -> str | None:
+        """Save the agent (and the optimizer, if given) when ``epoch`` is a multiple of ``interval``.
+
+        The seed's periodic save: pass eval results (score, avg_reward) in ``metadata``. The trainer
+        state records ``metadata["agent_step"]`` (0 if absent).
+
+        Returns:
+            The ``.pt`` path when a save was made, else None.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise InvalidArgumentError(f"interval must be an int >= 1, got {interval!r}")
+        epoch = sidecar_schema.validate_epoch(epoch)
+        if epoch % interval:
+            return None
+        path = self.save_agent(agent, epoch, metadata)
+        if optimizer is not None:
+            self.save_trainer_state(optimizer, epoch, int((metadata or {}).get("agent_step", 0)))
+        return path
+
+    # ---- waiting and closing --------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every queued write is durable.
+
+        Raises:
+            CheckpointWriteError: for a write that failed (the oldest not yet raised).
+        """
+        self._check_open()
+        self._worker.flush()
+        self._worker.raise_errors()
+
+    def close(self) -> None:
+        """Wait for queued writes, then stop the worker. Idempotent.
+
+        Raises:
+            CheckpointWriteError: for a write that failed and was not raised yet.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        try:
+            self._worker.close()
+        finally:
+            self._pool.clear()
+        self._worker.raise_errors()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError(f"CheckpointManager for run {self._run_name!r} is closed")
+
+    # ---- finding and loading --------------------------------------------------------------
+    def checkpoints(self) -> list[index.CheckpointInfo]:
+        """Committed checkpoints of this run, in epoch order (after pending writes finish)."""
+        self._check_open()
+        self._worker.flush()
+        return index.list_checkpoints(self._storage, self._dir)
+
+    def find_latest_checkpoint(self) -> str | None:
+        """Path of the newest committed checkpoint, or None."""
+        infos = self.checkpoints()
+        return infos[-1].path if infos else None
+
+    def find_best_checkpoint(self, metric: str = "score") -> str | None:
+        """Path of the checkpoint with the highest finite ``metric``, or None (ties: the later epoch)."""
+        found = index.best(self.checkpoints(), metric)
+        return found.path if found else None
+
+    def find_checkpoints_by_score(self, min_score: float) -> list[str]:
+        """Paths of checkpoints with a finite score >= ``min_score``, in epoch order."""
+        if isinstance(min_score, bool) or not isinstance(min_score, (int, float)):
+            raise InvalidArgumentError(f"min_score must be a number, got {min_score!r}")
+        return [info.path for info in index.by_min_score(self.checkpoints(), float(min_score))]
+
+    def load_agent(self, epoch: int | None = None, *, map_location: Any = None) -> Any:
+        """Load an agent: the latest committed one when ``epoch`` is None.
+
+        Unpickles (runs code): only point a manager at run directories you trust.
+
+        Returns:
+            The agent, or None when ``epoch`` is None and the run has no committed checkpoint.
+
+        Raises:
+            CheckpointNotFoundError: ``epoch`` was given and has no committed checkpoint.
+            CheckpointReadError: the ``.pt`` is truncated or corrupt.
+        """
+        infos = self.checkpoints()
+        if epoch is None:
+            if not infos:
+                return None
+            epoch = infos[-1].epoch
+        else:
+            epoch = sidecar_schema.validate_epoch(epoch)
+            if epoch not in {info.epoch for info in infos}:
+                path = self._storage.display(self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "pt")))
+                raise CheckpointNotFoundError(
+                    f"run {self._run_name!r} has no committed checkpoint for epoch {epoch} ({path})",
+                    epoch=epoch,
+                    path=path,
+                )
+        path = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "pt"))
+        return index.load_file(self._storage, path, map_location=map_location)
+
+    def load_trainer_state(self, *, map_location: Any = None) -> dict[str, Any] | None:
+        """The saved ``{"optimizer_state", "epoch", "agent_step"}``, or None if there is none.
+
+        Logs a WARNING naming both epochs when it differs from the latest committed agent's epoch:
+        the two are never silently mixed.
+        """
+        infos = self.checkpoints()
+        path = self._storage.join_dir(self._dir, TRAINER_STATE)
+        if not self._storage.is_file(path):
+            return None
+        state: dict[str, Any] = index.load_file(self._storage, path, map_location=map_location)
+        latest = infos[-1].epoch if infos else None
+        if state.get("epoch") != latest:
+            logger.warning(
+                "%s: trainer state is from epoch %s but the latest committed agent is epoch %s; "
+                "check which one you resume from",
+                self._run_name,
+                state.get("epoch"),
+                latest,
+            )
+        return state
+
+    def start_run(self, make_agent: Callable[[], AgentT], *, map_location: Any = None) -> RunStart:
+        """Resume the run from its latest checkpoint, or start it with a new agent saved as epoch 0.
+
+        Example:
+            >>> start = mgr.start_run(lambda: Policy())  # doctest: +SKIP
+            >>> optimizer = torch.optim.Adam(start.agent.parameters())  # doctest: +SKIP
+            >>> if start.trainer_state:  # doctest: +SKIP
+            ...     optimizer.load_state_dict(start.trainer_state["optimizer_state"])
+        """
+        infos = self.checkpoints()
+        if not infos:
+            agent = make_agent()
+            self.save_agent(agent, 0, {"agent_step": 0})
+            return RunStart(agent=agent, epoch=0, agent_step=0, trainer_state=None, resumed=False)
+        latest = infos[-1]
+        agent = self.load_agent(latest.epoch, map_location=map_location)
+        return RunStart(
+            agent=agent,
+            epoch=latest.epoch,
+            agent_step=int(latest.sidecar.get("agent_step") or 0),
+            trainer_state=self.load_trainer_state(map_location=map_location),
+            resumed=True,
+        )
+
+
+def _torch_writer(obj: Any) -> Callable[[IO[bytes]], None]:
+    def write(f: IO[bytes]) -> None:
+        torch.save(obj, f)
+
+    return write
+
+
+def _close_quietly(worker: Worker, pool: SnapshotPool, run_name: str) -> None:
+    """Close an abandoned manager's worker; its errors can reach no caller now, so they are logged."""
+    try:
+        worker.close()
+    finally:
+        pool.clear()
+    while worker.pending_errors():
+        try:
+            worker.raise_errors()
+        except CheckpointError:
+            logger.exception("%s: a checkpoint write failed after its manager was abandoned", run_name)
+
+
+def _register_exit_hook(hook: Callable[[], object]) -> None:
+    # threading._register_atexit runs before non-daemon threads are joined at shutdown (worker module
+    # docstring); fall back to atexit where it is missing or shutdown has already begun.
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(hook)
+            return
+        except RuntimeError:
+            pass
+    import atexit
+
+    atexit.register(hook)

@@ -1,0 +1,136 @@
+"""The YAML sidecar: ``model_{epoch:04d}.yaml``, the small file that search reads and that commits a checkpoint.
+
+A sidecar holds the seed design's keys, in this order, followed by any extra scalar keys the caller
+passed in ``metadata``::
+
+    epoch: 10            # int, equals the file name's epoch
+    agent_step: 40960    # int, 0 when not given
+    score: 0.82          # number or null; non-finite values are stored but never chosen as best
+    avg_reward: 1.7      # number or null
+    total_time: 512.3    # seconds, 0.0 when not given
+    run: my_run          # the run name
+
+Values are plain YAML scalars only (numbers, strings, booleans, null): numpy scalars and 0-d torch
+tensors are turned into Python numbers at the call, and anything else is rejected there, before a
+job is queued. Sidecars are written with ``yaml.safe_dump`` and read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from bgsave.errors import InvalidArgumentError
+
+__all__ = ("METRIC_KEYS", "SEED_KEYS", "build", "dumps", "loads", "metric_value", "validate_epoch")
+
+SEED_KEYS = ("epoch", "agent_step", "score", "avg_reward", "total_time", "run")
+# Keys whose value must be a number (or null for the optional metrics).
+METRIC_KEYS = ("score", "avg_reward", "total_time")
+
+Scalar = bool | int | float | str | None
+
+
+def validate_epoch(epoch: object, *, argument: str = "epoch") -> int:
+    """Return ``epoch`` if it is a non-negative int (not a bool), else raise InvalidArgumentError."""
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+        raise InvalidArgumentError(f"{argument} must be a non-negative int, got {type(epoch).__name__} {epoch!r}")
+    if epoch < 0:
+        raise InvalidArgumentError(f"{argument} must be a non-negative int, got {epoch}")
+    return int(epoch)
+
+
+def _to_scalar(key: str, value: object) -> Scalar:
+    """Turn ``value`` into a plain YAML scalar, or raise naming ``key``."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    # numpy scalars and 0-d tensors both have .item(); import neither module just to check.
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return _to_scalar(key, item())
+    raise InvalidArgumentError(
+        f"metadata[{key!r}] must be a number, string, bool or None (numpy scalars and 0-d tensors are "
+        f"converted); got {type(value).__name__}"
+    )
+
+
+def build(run: str, epoch: int, metadata: Mapping[str, object] | None) -> dict[str, Scalar]:
+    """Validate ``metadata`` and return the sidecar dict for one checkpoint.
+
+    Raises:
+        InvalidArgumentError: metadata is not a mapping, has a non-string key, a value YAML cannot
+            hold, a non-numeric metric, or an ``epoch``/``run`` that contradicts the arguments.
+    """
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgumentError(f"metadata must be a mapping of str to scalars, got {type(metadata).__name__}")
+    values: dict[str, Scalar] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidArgumentError(f"metadata keys must be non-empty strings, got {key!r}")
+        values[key] = _to_scalar(key, value)
+
+    if "epoch" in values and (isinstance(values["epoch"], bool) or values["epoch"] != epoch):
+        raise InvalidArgumentError(f"metadata['epoch'] is {values['epoch']!r} but the epoch argument is {epoch}")
+    if "run" in values and values["run"] != run:
+        raise InvalidArgumentError(f"metadata['run'] is {values['run']!r} but this manager's run_name is {run!r}")
+    agent_step = values.get("agent_step", 0)
+    if isinstance(agent_step, bool) or not isinstance(agent_step, int) or agent_step < 0:
+        raise InvalidArgumentError(f"metadata['agent_step'] must be a non-negative int, got {agent_step!r}")
+    for key in METRIC_KEYS:
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InvalidArgumentError(f"metadata[{key!r}] must be a number or None, got {value!r}")
+
+    sidecar: dict[str, Scalar] = {
+        "epoch": epoch,
+        "agent_step": agent_step,
+        "score": values.get("score"),
+        "avg_reward": values.get("avg_reward"),
+        "total_time": float(values.get("total_time") or 0.0),
+        "run": run,
+    }
+    sidecar.update((k, v) for k, v in values.items() if k not in SEED_KEYS)
+    return sidecar
+
+
+def dumps(sidecar: Mapping[str, Scalar]) -> bytes:
+    """Serialize a sidecar dict to YAML bytes, seed keys first."""
+    return yaml.safe_dump(dict(sidecar), sort_keys=False, allow_unicode=True).encode("utf-8")
+
+
+def loads(data: bytes, *, source: str) -> dict[str, Any]:
+    """Parse sidecar bytes with ``yaml.safe_load``.
+
+    Raises:
+        ValueError: the bytes are not YAML, not a mapping, or lack an int ``epoch``; the message
+            names ``source``.
+    """
+    try:
+        parsed = yaml.safe_load(data.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{source}: not a readable YAML sidecar ({exc})") from exc
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{source}: sidecar is not a mapping")
+    epoch = parsed.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise ValueError(f"{source}: sidecar has no integer 'epoch'")
+    return parsed
+
+
+def metric_value(sidecar: Mapping[str, Any], metric: str) -> float | None:
+    """The finite numeric value of ``metric`` in a sidecar, or None when missing, non-numeric or non-finite."""
+    value = sidecar.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

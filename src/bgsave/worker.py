@@ -1,0 +1,269 @@
+"""Worker: one long-lived background writer per manager, a bounded queue for backpressure, errors kept and re-raised.
+
+The flow of one save::
+
+    caller thread                         event loop thread (anyio, via a blocking portal)
+    -------------                         ------------------------------------------------
+    submit(job):
+      acquire a slot  ──────────────────▶ CapacityLimiter(max_pending + 1)   # blocks when full
+      job.prepare()   (snapshot to CPU)
+      send(job)       ──────────────────▶ memory object stream ──▶ _run():
+      return                                                          to_thread.run_sync(job.execute)
+                                                                      # blocking file I/O off the loop
+                                                                      release the slot
+
+The slot is taken *before* the snapshot, so at most ``max_pending`` snapshots wait behind the one
+being written and memory stays bounded by ``max_pending + 1`` snapshots. The stream itself never
+blocks: the limiter is the bound. The first time a caller has to wait for a slot, one WARNING advises
+saving less often.
+
+The event loop runs in anyio's portal thread; the blocking I/O runs in anyio worker threads, so the
+loop stays free to overlap other stages (a remote upload of one checkpoint while the next is
+written). A failure in a job is caught, kept in order, and raised once by :meth:`Worker.raise_errors`
+at the caller's next call. ``flush()`` sends a marker through the same stream and waits for it, so it
+returns when every job queued before it has finished.
+
+Pending work is flushed at interpreter exit: the owner registers its ``close`` with
+``threading._register_atexit`` (as ``concurrent.futures`` does), which runs *before* the interpreter
+joins non-daemon threads; a plain ``atexit`` hook would run after, too late for anyio's worker threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from bgsave.errors import CheckpointError, CheckpointWriteError
+
+__all__ = ("Job", "SaveRecord", "Worker")
+
+logger = logging.getLogger(__name__)
+
+# How many finished-save records a manager keeps (oldest dropped first).
+RECORDS_KEPT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRecord:
+    """Timings of one finished save.
+
+    Attributes:
+        kind: "agent" or "trainer_state".
+        epoch: The epoch saved.
+        path: The file written (local path or URL).
+        stall_s: Seconds the caller was blocked in ``save_*`` (waiting for a slot plus the CPU copy).
+        queue_wait_s: Seconds between the call returning and the write starting.
+        write_s: Seconds from the write starting to the files being durable.
+        bytes: Bytes written (all files of this save).
+        ok: Whether the save committed.
+        error: The error's message when it did not.
+    """
+
+    kind: str
+    epoch: int
+    path: str
+    stall_s: float
+    queue_wait_s: float
+    write_s: float
+    bytes: int
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One unit of background work: ``prepare`` runs on the caller's thread, ``execute`` on the worker's.
+
+    ``execute`` returns the bytes written; ``cleanup`` always runs after it (success or not), on the
+    worker's thread, to give buffers back.
+    """
+
+    kind: str
+    epoch: int
+    path: str
+    prepare: Callable[[], None]
+    execute: Callable[[], int]
+    cleanup: Callable[[], None] = lambda: None
+    stall_s: float = 0.0
+    queued_at: float = 0.0
+    slot: object = field(default_factory=object)
+
+
+class Worker:
+    """Runs jobs in order on one background event loop, or inline when ``background`` is False.
+
+    Args:
+        background: Write on the worker (True) or synchronously in ``submit`` (False).
+        max_pending: How many prepared jobs may wait behind the one being executed.
+        name: Used in thread names and log lines.
+    """
+
+    def __init__(self, *, background: bool, max_pending: int, name: str) -> None:
+        self.background = background
+        self.max_pending = max_pending
+        self.name = name
+        self.records: collections.deque[SaveRecord] = collections.deque(maxlen=RECORDS_KEPT)
+        self._errors: collections.deque[CheckpointError] = collections.deque()
+        self._warned_backpressure = False
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._run_future: Future[None] | None = None
+        if background:
+            self._start()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._portal_cm = start_blocking_portal(name=f"bgsave-{self.name}")
+        portal = self._portal = self._portal_cm.__enter__()
+        # Both must be created on the loop: anyio primitives bind to the running backend.
+        self._slots: anyio.CapacityLimiter = portal.call(self._make_limiter)
+        send, receive = portal.call(self._make_stream)
+        self._send: MemoryObjectSendStream[Job | anyio.Event] = send
+        self._run_future = portal.start_task_soon(self._run, receive)
+
+    async def _make_limiter(self) -> anyio.CapacityLimiter:
+        return anyio.CapacityLimiter(self.max_pending + 1)
+
+    async def _make_stream(
+        self,
+    ) -> tuple[MemoryObjectSendStream[Job | anyio.Event], MemoryObjectReceiveStream[Job | anyio.Event]]:
+        return anyio.create_memory_object_stream[Job | anyio.Event](math.inf)
+
+    def close(self) -> None:
+        """Finish every queued job, then stop the event loop. Idempotent."""
+        if self._portal is None:
+            return
+        portal, self._portal = self._portal, None
+        try:
+            portal.call(self._flush)
+            portal.call(self._send.aclose)
+            if self._run_future is not None:
+                self._run_future.result()
+        finally:
+            assert self._portal_cm is not None
+            self._portal_cm.__exit__(None, None, None)
+
+    # ---- submitting -----------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Prepare ``job`` on this thread and queue it (or run it now when not in background).
+
+        Blocks while ``max_pending`` jobs already wait. If ``prepare`` raises, nothing is queued and
+        the exception propagates.
+        """
+        start = time.perf_counter()
+        if self._portal is None:
+            job.prepare()
+            job.queued_at = time.perf_counter()
+            job.stall_s = job.queued_at - start
+            self._execute(job)
+            self.raise_errors()
+            return
+        portal = self._portal
+        try:
+            portal.call(self._slots.acquire_on_behalf_of_nowait, job.slot)
+        except anyio.WouldBlock:
+            waited_from = time.perf_counter()
+            portal.call(self._slots.acquire_on_behalf_of, job.slot)
+            self._warn_backpressure(job, time.perf_counter() - waited_from)
+        try:
+            job.prepare()
+            job.queued_at = time.perf_counter()
+            job.stall_s = job.queued_at - start
+            portal.call(self._send.send_nowait, job)
+        except BaseException:
+            portal.call(self._slots.release_on_behalf_of, job.slot)
+            raise
+
+    def _warn_backpressure(self, job: Job, waited: float) -> None:
+        if self._warned_backpressure:
+            logger.debug("%s: save of epoch %d waited %.2fs for a free slot", self.name, job.epoch, waited)
+            return
+        self._warned_backpressure = True
+        logger.warning(
+            "%s: save of epoch %d waited %.2fs for earlier checkpoints to be written (max_pending=%d); "
+            "consider checkpointing less often or raising max_pending",
+            self.name,
+            job.epoch,
+            waited,
+            self.max_pending,
+        )
+
+    def flush(self) -> None:
+        """Block until every job submitted so far has finished (successfully or not)."""
+        if self._portal is not None:
+            self._portal.call(self._flush)
+
+    async def _flush(self) -> None:
+        done = anyio.Event()
+        await self._send.send(done)
+        await done.wait()
+
+    # ---- the event loop side -------------------------------------------------------------
+    async def _run(self, receive: MemoryObjectReceiveStream[Job | anyio.Event]) -> None:
+        async with receive:
+            async for item in receive:
+                if isinstance(item, anyio.Event):
+                    item.set()
+                    continue
+                try:
+                    await anyio.to_thread.run_sync(self._execute, item)
+                finally:
+                    self._slots.release_on_behalf_of(item.slot)
+
+    def _execute(self, job: Job) -> None:
+        started = time.perf_counter()
+        written, error = 0, None
+        try:
+            written = job.execute()
+        except Exception as exc:
+            error = CheckpointWriteError(
+                f"saving {job.kind} for epoch {job.epoch} to {job.path} failed: {type(exc).__name__}: {exc}",
+                epoch=job.epoch,
+                path=job.path,
+            )
+            error.__cause__ = exc
+            self._errors.append(error)
+            logger.debug("%s: %s", self.name, error)
+        finally:
+            job.cleanup()
+        write_s = time.perf_counter() - started
+        self.records.append(
+            SaveRecord(
+                kind=job.kind,
+                epoch=job.epoch,
+                path=job.path,
+                # Without a background worker the caller is blocked for the write too.
+                stall_s=job.stall_s if self.background else job.stall_s + write_s,
+                queue_wait_s=started - job.queued_at,
+                write_s=write_s,
+                bytes=written,
+                ok=error is None,
+                error=None if error is None else str(error),
+            )
+        )
+
+    # ---- errors ---------------------------------------------------------------------------
+    def raise_errors(self) -> None:
+        """Raise the oldest background failure not yet raised, if any; later ones stay for the next call."""
+        if not self._errors:
+            return
+        error = self._errors.popleft()
+        if self._errors:
+            more = ", ".join(str(e.epoch) for e in self._errors)
+            error.args = (f"{error.args[0]} (further failed saves, raised at the next calls: epochs {more})",)
+        raise error
+
+    def pending_errors(self) -> int:
+        """How many failures are kept, not yet raised."""
+        return len(self._errors)
