@@ -271,6 +271,40 @@ class CheckpointManager:
             self.save_trainer_state(optimizer, epoch, int((metadata or {}).get("agent_step", 0)))
         return path
 
+    def update_metadata(self, epoch: int, **metrics: Any) -> None:
+        """Add or change sidecar values of a saved checkpoint, for eval scores that arrive after the save.
+
+        The sidecar is rewritten atomically on the worker, after any pending save of that epoch;
+        search and retention see the new values. ``epoch`` and ``run`` cannot be changed.
+
+        Example:
+            >>> mgr.update_metadata(10, score=0.91, eval_episodes=64)  # doctest: +SKIP
+
+        Raises:
+            InvalidArgumentError: bad epoch or values (nothing queued).
+            CheckpointWriteError: an earlier background write failed. If epoch has no committed
+                checkpoint when the update runs, that failure is raised at the next call.
+        """
+        self._check_open()
+        epoch = sidecar_schema.validate_epoch(epoch)
+        if not metrics:
+            raise InvalidArgumentError("update_metadata needs at least one key=value to set")
+        values = sidecar_schema.normalize(self._run_name, epoch, metrics)
+        self._worker.raise_errors()
+        yml = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "yaml"))
+        shown = self._storage.display(yml)
+
+        def execute() -> int:
+            try:
+                current = sidecar_schema.loads(self._storage.read_bytes(yml), source=shown)
+            except FileNotFoundError as exc:
+                raise CheckpointNotFoundError(f"no committed checkpoint for epoch {epoch}", epoch=epoch) from exc
+            return self._storage.write_bytes_atomic(yml, sidecar_schema.dumps({**current, **values}))
+
+        self._worker.submit(
+            Job(kind="metadata", epoch=epoch, path=shown, prepare=lambda: None, execute=execute, needs_slot=False)
+        )
+
     # ---- waiting and closing --------------------------------------------------------------
     def wait(self) -> None:
         """Block until every queued write is durable.

@@ -26,7 +26,7 @@ import yaml
 
 from bgsave.errors import InvalidArgumentError
 
-__all__ = ("METRIC_KEYS", "SEED_KEYS", "build", "dumps", "loads", "metric_value", "validate_epoch")
+__all__ = ("METRIC_KEYS", "SEED_KEYS", "build", "dumps", "loads", "metric_value", "normalize", "validate_epoch")
 
 SEED_KEYS = ("epoch", "agent_step", "score", "avg_reward", "total_time", "run")
 # Keys whose value must be a number (or null for the optional metrics).
@@ -62,8 +62,8 @@ def _to_scalar(key: str, value: object) -> Scalar:
     )
 
 
-def build(run: str, epoch: int, metadata: Mapping[str, object] | None) -> dict[str, Scalar]:
-    """Validate ``metadata`` and return the sidecar dict for one checkpoint.
+def normalize(run: str, epoch: int, metadata: Mapping[str, object] | None) -> dict[str, Scalar]:
+    """Validate caller-given ``metadata`` and return it as plain YAML scalars (no defaults added).
 
     Raises:
         InvalidArgumentError: metadata is not a mapping, has a non-string key, a value YAML cannot
@@ -90,10 +90,19 @@ def build(run: str, epoch: int, metadata: Mapping[str, object] | None) -> dict[s
         value = values.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InvalidArgumentError(f"metadata[{key!r}] must be a number or None, got {value!r}")
+    return values
 
+
+def build(run: str, epoch: int, metadata: Mapping[str, object] | None) -> dict[str, Scalar]:
+    """Validate ``metadata`` and return the full sidecar dict for one checkpoint (seed keys first).
+
+    Raises:
+        InvalidArgumentError: as :func:`normalize`.
+    """
+    values = normalize(run, epoch, metadata)
     sidecar: dict[str, Scalar] = {
         "epoch": epoch,
-        "agent_step": agent_step,
+        "agent_step": values.get("agent_step", 0),
         "score": values.get("score"),
         "avg_reward": values.get("avg_reward"),
         "total_time": float(values.get("total_time") or 0.0),

@@ -68,6 +68,8 @@ class SaveRecord:
         bytes: Bytes written (all files of this save).
         ok: Whether the save committed.
         error: The error's message when it did not.
+        after_s: Seconds spent in the after-step (upload, retention), 0.0 when there was none.
+        after_error: The after-step's error message (the commit stands regardless).
     """
 
     kind: str
@@ -79,6 +81,8 @@ class SaveRecord:
     bytes: int
     ok: bool
     error: str | None = None
+    after_s: float = 0.0
+    after_error: str | None = None
 
 
 @dataclass(eq=False)
@@ -86,7 +90,8 @@ class Job:
     """One unit of background work: ``prepare`` runs on the caller's thread, ``execute`` on the worker's.
 
     ``execute`` returns the bytes written; ``cleanup`` always runs after it (success or not), on the
-    worker's thread, to give buffers back.
+    worker's thread, to give buffers back. ``after`` runs only if ``execute`` succeeded, in the second
+    lane (uploads, retention); its failure is logged and recorded, and undoes nothing.
     """
 
     kind: str
@@ -95,9 +100,17 @@ class Job:
     prepare: Callable[[], None]
     execute: Callable[[], int]
     cleanup: Callable[[], None] = lambda: None
+    after: Callable[[], None] | None = None
+    # Jobs that hold no snapshot (sidecar edits) do not take a slot, so they never wait behind a big write.
+    needs_slot: bool = True
+    slot: object = field(default_factory=object)
+    # Filled in as the job moves through the lanes.
     stall_s: float = 0.0
     queued_at: float = 0.0
-    slot: object = field(default_factory=object)
+    started_at: float = 0.0
+    write_s: float = 0.0
+    written: int = 0
+    error: CheckpointError | None = None
 
 
 class Worker:
@@ -167,22 +180,25 @@ class Worker:
             job.queued_at = time.perf_counter()
             job.stall_s = job.queued_at - start
             self._execute(job)
+            self._finish(job)
             self.raise_errors()
             return
         portal = self._portal
-        try:
-            portal.call(self._slots.acquire_on_behalf_of_nowait, job.slot)
-        except anyio.WouldBlock:
-            waited_from = time.perf_counter()
-            portal.call(self._slots.acquire_on_behalf_of, job.slot)
-            self._warn_backpressure(job, time.perf_counter() - waited_from)
+        if job.needs_slot:
+            try:
+                portal.call(self._slots.acquire_on_behalf_of_nowait, job.slot)
+            except anyio.WouldBlock:
+                waited_from = time.perf_counter()
+                portal.call(self._slots.acquire_on_behalf_of, job.slot)
+                self._warn_backpressure(job, time.perf_counter() - waited_from)
         try:
             job.prepare()
             job.queued_at = time.perf_counter()
             job.stall_s = job.queued_at - start
             portal.call(self._send.send_nowait, job)
         except BaseException:
-            portal.call(self._slots.release_on_behalf_of, job.slot)
+            if job.needs_slot:
+                portal.call(self._slots.release_on_behalf_of, job.slot)
             raise
 
     def _warn_backpressure(self, job: Job, waited: float) -> None:
@@ -191,7 +207,7 @@ class Worker:
             return
         self._warned_backpressure = True
         logger.warning(
-            "%s: save of epoch %d waited %.2fs for earlier checkpoints to be written (max_pending=%d); "
+            "%s: save of epoch %d waited %.3fs for earlier checkpoints to be written (max_pending=%d); "
             "consider checkpointing less often or raising max_pending",
             self.name,
             job.epoch,
@@ -211,21 +227,35 @@ class Worker:
 
     # ---- the event loop side -------------------------------------------------------------
     async def _run(self, receive: MemoryObjectReceiveStream[Job | anyio.Event]) -> None:
+        # Two lanes: writes, strictly in order; then each committed job's after-step (uploads,
+        # retention) in a second lane, so a slow upload of epoch N overlaps the write of N+1.
+        # Flush markers pass through both lanes, so a flush also waits for the after-steps.
+        after_send, after_receive = anyio.create_memory_object_stream[Job | anyio.Event](math.inf)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._run_after, after_receive)
+            async with receive, after_send:
+                async for item in receive:
+                    if isinstance(item, Job):
+                        try:
+                            await anyio.to_thread.run_sync(self._execute, item)
+                        finally:
+                            if item.needs_slot:
+                                self._slots.release_on_behalf_of(item.slot)
+                    await after_send.send(item)
+
+    async def _run_after(self, receive: MemoryObjectReceiveStream[Job | anyio.Event]) -> None:
         async with receive:
             async for item in receive:
                 if isinstance(item, anyio.Event):
                     item.set()
-                    continue
-                try:
-                    await anyio.to_thread.run_sync(self._execute, item)
-                finally:
-                    self._slots.release_on_behalf_of(item.slot)
+                else:
+                    await anyio.to_thread.run_sync(self._finish, item)
 
     def _execute(self, job: Job) -> None:
-        started = time.perf_counter()
-        written, error = 0, None
+        """Run the write; a failure is kept for the caller, never raised here."""
+        job.started_at = time.perf_counter()
         try:
-            written = job.execute()
+            job.written = job.execute()
         except Exception as exc:
             error = CheckpointWriteError(
                 f"saving {job.kind} for epoch {job.epoch} to {job.path} failed: {type(exc).__name__}: {exc}",
@@ -233,23 +263,38 @@ class Worker:
                 path=job.path,
             )
             error.__cause__ = exc
+            job.error = error
             self._errors.append(error)
             logger.debug("%s: %s", self.name, error)
         finally:
             job.cleanup()
-        write_s = time.perf_counter() - started
+            job.write_s = time.perf_counter() - job.started_at
+
+    def _finish(self, job: Job) -> None:
+        """Run the after-step of a committed job (its failure is logged and recorded, never raised), then record."""
+        after_s, after_error = 0.0, None
+        if job.after is not None and job.error is None:
+            started = time.perf_counter()
+            try:
+                job.after()
+            except Exception as exc:
+                after_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("%s: after saving epoch %d (%s): %s", self.name, job.epoch, job.path, after_error)
+            after_s = time.perf_counter() - started
         self.records.append(
             SaveRecord(
                 kind=job.kind,
                 epoch=job.epoch,
                 path=job.path,
                 # Without a background worker the caller is blocked for the write too.
-                stall_s=job.stall_s if self.background else job.stall_s + write_s,
-                queue_wait_s=started - job.queued_at,
-                write_s=write_s,
-                bytes=written,
-                ok=error is None,
-                error=None if error is None else str(error),
+                stall_s=job.stall_s if self.background else job.stall_s + job.write_s,
+                queue_wait_s=job.started_at - job.queued_at,
+                write_s=job.write_s,
+                bytes=job.written,
+                ok=job.error is None,
+                error=None if job.error is None else str(job.error),
+                after_s=after_s,
+                after_error=after_error,
             )
         )
 
