@@ -15,9 +15,13 @@ from bgsave.errors import (
     CheckpointWriteError,
     InvalidArgumentError,
     ManagerClosedError,
+    WandbUploadError,
+    WorkerError,
+    WorkerTimeoutError,
 )
 from bgsave.index import CheckpointInfo, find_latest_checkpoint, load_checkpoint
 from bgsave.manager import CheckpointManager, RunStart, Stateful
+from bgsave.wandb import upload_to_wandb
 from bgsave.worker import SaveRecord
 
 __all__ = (
@@ -33,8 +37,12 @@ __all__ = (
     "RunStart",
     "SaveRecord",
     "Stateful",
+    "WandbUploadError",
+    "WorkerError",
+    "WorkerTimeoutError",
     "find_latest_checkpoint",
     "load_checkpoint",
+    "upload_to_wandb",
 )
 
 __version__ = "0.1.0"

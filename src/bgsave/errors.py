@@ -6,10 +6,13 @@
     ├── InvalidArgumentError      bad input, raised at the call; nothing was written
     │                             (also a ValueError and a TypeError, so plain handlers catch it)
     ├── ManagerClosedError        a call after CheckpointManager.close() (also a RuntimeError)
+    ├── WorkerError               the background worker died (also a RuntimeError)
+    │   └── WorkerTimeoutError    wait(timeout=) / close(timeout=) ran out (also a TimeoutError)
     └── CheckpointError           a checkpoint could not be written or read; carries .epoch and .path
         ├── CheckpointWriteError  a write failed (in the background or not); the cause is chained
         ├── CheckpointReadError   a checkpoint file is truncated, corrupt or unreadable
-        └── CheckpointNotFoundError  an explicitly requested checkpoint does not exist
+        ├── CheckpointNotFoundError  an explicitly requested checkpoint does not exist
+        └── WandbUploadError      logging a committed checkpoint to W&B failed (the commit stands)
 
 Background failures are kept by the worker and raised once, in order, at the caller's next
 ``save_*``, ``wait()`` or ``close()``: never only logged, never as formatted traceback text.
@@ -25,6 +28,9 @@ __all__ = (
     "CheckpointWriteError",
     "InvalidArgumentError",
     "ManagerClosedError",
+    "WandbUploadError",
+    "WorkerError",
+    "WorkerTimeoutError",
 )
 
 
@@ -41,6 +47,14 @@ class InvalidArgumentError(BgsaveError, ValueError, TypeError):
 
 class ManagerClosedError(BgsaveError, RuntimeError):
     """The CheckpointManager was closed; open a new one to keep saving."""
+
+
+class WorkerError(BgsaveError, RuntimeError):
+    """The background worker stopped unexpectedly; ``__cause__`` holds why. Open a new manager."""
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """Queued writes did not finish within the timeout given to ``wait()`` or ``close()``."""
 
 
 class CheckpointError(BgsaveError):
@@ -68,3 +82,10 @@ class CheckpointReadError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError, LookupError):
     """An explicitly requested checkpoint does not exist (or is not committed)."""
+
+
+class WandbUploadError(CheckpointError):
+    """Logging a checkpoint to W&B failed; ``__cause__`` holds W&B's error.
+
+    The local (or bucket) checkpoint is unaffected: it committed before the upload started.
+    """

@@ -26,6 +26,7 @@ import torch
 
 from bgsave import index
 from bgsave import sidecar as sidecar_schema
+from bgsave import wandb as bgsave_wandb
 from bgsave.errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, ManagerClosedError
 from bgsave.snapshot import Snapshot, SnapshotPool
 from bgsave.storage import Storage
@@ -93,6 +94,10 @@ class CheckpointManager:
         max_pending: How many saves may wait behind the one being written before ``save_*`` blocks.
             Memory for snapshots stays within ``max_pending + 1`` copies of the model.
         storage_options: Passed to fsspec (endpoint, credentials, ...).
+        wandb_run: A W&B run (``wandb.init()``): each committed checkpoint is logged to it as a
+            ``model`` artifact, on the worker after the commit (:mod:`bgsave.wandb`). Close the
+            manager before finishing the run.
+        wandb_every_n: Upload only every N-th committed checkpoint (the first always goes).
 
     Example:
         >>> with CheckpointManager("runs/exp1", "exp1") as mgr:  # doctest: +SKIP
@@ -112,6 +117,8 @@ class CheckpointManager:
         background: bool = True,
         max_pending: int = 1,
         storage_options: Mapping[str, Any] | None = None,
+        wandb_run: Any = None,
+        wandb_every_n: int = 1,
     ) -> None:
         self._run_name = _validate_run_name(run_name)
         if not isinstance(background, bool):
@@ -125,6 +132,9 @@ class CheckpointManager:
         self._storage = Storage(os.fspath(run_dir) if isinstance(run_dir, os.PathLike) else run_dir, storage_options)
         if self._storage.is_file(self._storage.root):
             raise InvalidArgumentError(f"run_dir {run_dir!s} is an existing file; it must be a directory")
+        self._wandb_run = None if wandb_run is None else bgsave_wandb.validate_run(wandb_run)
+        self._wandb_every_n = bgsave_wandb.validate_every_n(wandb_every_n, argument="wandb_every_n")
+        self._committed = 0  # checkpoints committed by this manager; touched only by the after-lane
         self._dir = self._storage.join("checkpoints")
         self._storage.remove_stale_temps(self._dir)
         self._pool = SnapshotPool()
@@ -190,8 +200,17 @@ class CheckpointManager:
             logger.info("%s: committed epoch %d (%s, %.1f MB)", self._run_name, epoch, shown, size / 1e6)
             return size
 
-        self._worker.submit(self._snapshot_job("agent", epoch, shown, lambda: agent, write))
+        job = self._snapshot_job("agent", epoch, shown, lambda: agent, write)
+        job.after = lambda: self._after_commit(epoch, shown, sidecar)
+        self._worker.submit(job)
         return shown
+
+    def _after_commit(self, epoch: int, shown: str, sidecar: Mapping[str, Any]) -> None:
+        """Runs in the worker's second lane once epoch's checkpoint committed: the optional W&B upload."""
+        index_ = self._committed
+        self._committed += 1
+        if self._wandb_run is not None and bgsave_wandb.should_upload(index_, self._wandb_every_n):
+            bgsave_wandb.upload_to_wandb(self._wandb_run, shown, epoch, metadata=sidecar, run_name=self._run_name)
 
     def save_trainer_state(self, optimizer: Stateful, epoch: int, agent_step: int) -> None:
         """Save the optimizer state with its epoch and agent step to ``trainer_state.pt`` (replaced atomically).
@@ -306,28 +325,38 @@ class CheckpointManager:
         )
 
     # ---- waiting and closing --------------------------------------------------------------
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         """Block until every queued write is durable.
+
+        Args:
+            timeout: Seconds to wait at most; None waits as long as the writes take.
 
         Raises:
             CheckpointWriteError: for a write that failed (the oldest not yet raised).
+            WorkerTimeoutError: the writes did not finish in time (they keep going).
+            WorkerError: the background worker died.
         """
         self._check_open()
-        self._worker.flush()
+        self._worker.flush(timeout)
         self._worker.raise_errors()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Wait for queued writes, then stop the worker. Idempotent.
+
+        Args:
+            timeout: Seconds to wait for queued writes at most; on expiry the worker is abandoned
+                and WorkerTimeoutError raised.
 
         Raises:
             CheckpointWriteError: for a write that failed and was not raised yet.
+            WorkerTimeoutError: the writes did not finish in time.
         """
         if self._closed:
             return
         self._closed = True
         self._finalizer.detach()
         try:
-            self._worker.close()
+            self._worker.close(timeout)
         finally:
             self._pool.clear()
         self._worker.raise_errors()

@@ -31,6 +31,8 @@ joins non-daemon threads; a plain ``atexit`` hook would run after, too late for 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import logging
 import math
 import time
@@ -44,7 +46,7 @@ import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from bgsave.errors import CheckpointError, CheckpointWriteError
+from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerError, WorkerTimeoutError
 
 __all__ = ("Job", "SaveRecord", "Worker")
 
@@ -153,19 +155,39 @@ class Worker:
     ) -> tuple[MemoryObjectSendStream[Job | anyio.Event], MemoryObjectReceiveStream[Job | anyio.Event]]:
         return anyio.create_memory_object_stream[Job | anyio.Event](math.inf)
 
-    def close(self) -> None:
-        """Finish every queued job, then stop the event loop. Idempotent."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every queued job, then stop the event loop. Idempotent.
+
+        Raises:
+            WorkerTimeoutError: the jobs did not finish in ``timeout`` seconds; the worker is
+                abandoned (a write stuck in the kernel cannot be interrupted).
+            WorkerError: the worker had died.
+        """
         if self._portal is None:
             return
-        portal, self._portal = self._portal, None
+        portal = self._portal
         try:
-            portal.call(self._flush)
+            self.flush(timeout)
+        except WorkerError:
+            self._portal = None
+            # Don't join a thread that may never return: ask the loop to stop and leave it.
+            with contextlib.suppress(Exception):
+                portal.start_task_soon(portal.stop, True)
+            raise
+        self._portal = None
+        try:
             portal.call(self._send.aclose)
             if self._run_future is not None:
                 self._run_future.result()
         finally:
             assert self._portal_cm is not None
             self._portal_cm.__exit__(None, None, None)
+
+    def _check_alive(self) -> None:
+        future = self._run_future
+        if future is not None and future.done():
+            cause = future.exception() if not future.cancelled() else None
+            raise WorkerError(f"{self.name}: the background checkpoint worker stopped unexpectedly") from cause
 
     # ---- submitting -----------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -184,6 +206,7 @@ class Worker:
             self.raise_errors()
             return
         portal = self._portal
+        self._check_alive()
         if job.needs_slot:
             try:
                 portal.call(self._slots.acquire_on_behalf_of_nowait, job.slot)
@@ -215,10 +238,27 @@ class Worker:
             self.max_pending,
         )
 
-    def flush(self) -> None:
-        """Block until every job submitted so far has finished (successfully or not)."""
-        if self._portal is not None:
-            self._portal.call(self._flush)
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every job submitted so far has finished (successfully or not).
+
+        Raises:
+            WorkerTimeoutError: not finished within ``timeout`` seconds (the jobs keep running).
+            WorkerError: the worker died.
+        """
+        if self._portal is None:
+            return
+        self._check_alive()
+        future = self._portal.start_task_soon(self._flush)
+        try:
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise WorkerTimeoutError(
+                f"{self.name}: queued checkpoint writes did not finish within {timeout}s"
+            ) from None
+        except concurrent.futures.CancelledError:
+            self._check_alive()
+            raise
 
     async def _flush(self) -> None:
         done = anyio.Event()
