@@ -6,6 +6,7 @@
     ├── InvalidArgumentError      bad input, raised at the call; nothing was written
     │                             (also a ValueError and a TypeError, so plain handlers catch it)
     ├── ManagerClosedError        a call after CheckpointManager.close() (also a RuntimeError)
+    ├── RunLockedError            another live writer holds the run directory (also a RuntimeError)
     ├── WorkerError               the background worker died (also a RuntimeError)
     │   └── WorkerTimeoutError    wait(timeout=) / close(timeout=) ran out (also a TimeoutError)
     └── CheckpointError           a checkpoint could not be written or read; carries .epoch and .path
@@ -28,6 +29,7 @@ __all__ = (
     "CheckpointWriteError",
     "InvalidArgumentError",
     "ManagerClosedError",
+    "RunLockedError",
     "WandbUploadError",
     "WorkerError",
     "WorkerTimeoutError",
@@ -47,6 +49,20 @@ class InvalidArgumentError(BgsaveError, ValueError, TypeError):
 
 class ManagerClosedError(BgsaveError, RuntimeError):
     """The CheckpointManager was closed; open a new one to keep saving."""
+
+
+class RunLockedError(BgsaveError, RuntimeError):
+    """Another live writer holds the run directory's writer lock.
+
+    Attributes:
+        path: The lock file.
+        holder: What the lock file says of its holder (pid, host, since, run), possibly empty.
+    """
+
+    def __init__(self, message: str, *, path: str, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder or {}
 
 
 class WorkerError(BgsaveError, RuntimeError):

@@ -13,6 +13,7 @@ find/load calls first wait for its pending writes, so it always reads what it wr
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -24,10 +25,12 @@ from typing import IO, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from bgsave import index
+from bgsave import index, retention
 from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
 from bgsave.errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, ManagerClosedError
+from bgsave.lock import STALE_AFTER, WriterLock
+from bgsave.retention import RetentionPolicy
 from bgsave.snapshot import Snapshot, SnapshotPool
 from bgsave.storage import Storage
 from bgsave.worker import Job, SaveRecord, Worker
@@ -98,6 +101,11 @@ class CheckpointManager:
             ``model`` artifact, on the worker after the commit (:mod:`bgsave.wandb`). Close the
             manager before finishing the run.
         wandb_every_n: Upload only every N-th committed checkpoint (the first always goes).
+        keep_last: Retention: keep the N newest committed checkpoints and delete older ones,
+            on the worker after each commit (None keeps everything). The newest is never deleted.
+        keep_best: Retention: also keep the K best by ``metric`` (needs ``keep_last``).
+        metric: The sidecar key ``keep_best`` ranks by.
+        mode: "max" or "min": whether a higher or lower ``metric`` is better.
 
     Example:
         >>> with CheckpointManager("runs/exp1", "exp1") as mgr:  # doctest: +SKIP
@@ -119,6 +127,10 @@ class CheckpointManager:
         storage_options: Mapping[str, Any] | None = None,
         wandb_run: Any = None,
         wandb_every_n: int = 1,
+        keep_last: int | None = None,
+        keep_best: int = 0,
+        metric: str = "score",
+        mode: str = "max",
     ) -> None:
         self._run_name = _validate_run_name(run_name)
         if not isinstance(background, bool):
@@ -135,14 +147,25 @@ class CheckpointManager:
         self._wandb_run = None if wandb_run is None else bgsave_wandb.validate_run(wandb_run)
         self._wandb_every_n = bgsave_wandb.validate_every_n(wandb_every_n, argument="wandb_every_n")
         self._committed = 0  # checkpoints committed by this manager; touched only by the after-lane
+        self._retention = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode)
+        # Epochs queued or being written: retention never prunes them (a re-save of an old epoch).
+        self._in_flight: collections.Counter[int] = collections.Counter()
+        self._in_flight_lock = threading.Lock()
+        # Offline W&B reads a logged file only at `wandb sync`: retention must leave those files alone.
+        self._uploaded_offline: set[int] = set()
         self._dir = self._storage.join("checkpoints")
-        self._storage.remove_stale_temps(self._dir)
+        self._lock = WriterLock(self._storage, self._storage.root, self._run_name)
         self._pool = SnapshotPool()
         self._closed = False
-        self._worker = Worker(background=background, max_pending=max_pending, name=self._run_name)
+        self._worker = Worker(
+            background=background,
+            max_pending=max_pending,
+            name=self._run_name,
+            periodic=(STALE_AFTER / 4, self._lock.heartbeat),
+        )
         # Flush pending writes when the manager is dropped unclosed, or at interpreter exit, before
         # non-daemon threads are joined (see the worker module). The callback holds no reference to self.
-        self._finalizer = weakref.finalize(self, _close_quietly, self._worker, self._pool, self._run_name)
+        self._finalizer = weakref.finalize(self, _close_quietly, self._worker, self._pool, self._lock, self._run_name)
         self._finalizer.atexit = False
         _register_exit_hook(self._finalizer)
 
@@ -184,6 +207,7 @@ class CheckpointManager:
         epoch = sidecar_schema.validate_epoch(epoch)
         sidecar = sidecar_schema.build(self._run_name, epoch, metadata)
         self._worker.raise_errors()
+        self._claim()
         pt = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "pt"))
         yml = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "yaml"))
         shown = self._storage.display(pt)
@@ -202,15 +226,44 @@ class CheckpointManager:
 
         job = self._snapshot_job("agent", epoch, shown, lambda: agent, write)
         job.after = lambda: self._after_commit(epoch, shown, sidecar)
-        self._worker.submit(job)
+        release = job.cleanup
+
+        def cleanup() -> None:
+            release()
+            self._track(epoch, -1)
+
+        job.cleanup = cleanup
+        self._track(epoch, +1)
+        try:
+            self._worker.submit(job)
+        except BaseException:
+            self._track(epoch, -1)
+            raise
         return shown
 
     def _after_commit(self, epoch: int, shown: str, sidecar: Mapping[str, Any]) -> None:
-        """Runs in the worker's second lane once epoch's checkpoint committed: the optional W&B upload."""
+        """Runs in the worker's second lane once epoch's checkpoint committed: W&B upload, then retention."""
         index_ = self._committed
         self._committed += 1
+        prunes = not self._retention.keeps_everything
         if self._wandb_run is not None and bgsave_wandb.should_upload(index_, self._wandb_every_n):
-            bgsave_wandb.upload_to_wandb(self._wandb_run, shown, epoch, metadata=sidecar, run_name=self._run_name)
+            # With retention on, wait for an online upload to finish: W&B reads the file in place.
+            bgsave_wandb.upload_to_wandb(
+                self._wandb_run, shown, epoch, metadata=sidecar, run_name=self._run_name, wait=prunes
+            )
+            if getattr(self._wandb_run, "offline", False):
+                self._uploaded_offline.add(epoch)
+        if prunes:
+            with self._in_flight_lock:
+                protect = {epoch, *self._in_flight, *self._uploaded_offline}
+            infos = index.list_checkpoints(self._storage, self._dir)
+            retention.prune(self._storage, self._dir, infos, self._retention, protect=protect)
+
+    def _track(self, epoch: int, delta: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight[epoch] += delta
+            if self._in_flight[epoch] <= 0:
+                del self._in_flight[epoch]
 
     def save_trainer_state(self, optimizer: Stateful, epoch: int, agent_step: int) -> None:
         """Save the optimizer state with its epoch and agent step to ``trainer_state.pt`` (replaced atomically).
@@ -228,6 +281,7 @@ class CheckpointManager:
         epoch = sidecar_schema.validate_epoch(epoch)
         agent_step = _validate_agent_step(agent_step)
         self._worker.raise_errors()
+        self._claim()
         path = self._storage.join_dir(self._dir, TRAINER_STATE)
 
         def state() -> dict[str, Any]:
@@ -310,6 +364,7 @@ class CheckpointManager:
             raise InvalidArgumentError("update_metadata needs at least one key=value to set")
         values = sidecar_schema.normalize(self._run_name, epoch, metrics)
         self._worker.raise_errors()
+        self._claim()
         yml = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "yaml"))
         shown = self._storage.display(yml)
 
@@ -357,6 +412,7 @@ class CheckpointManager:
         self._finalizer.detach()
         try:
             self._worker.close(timeout)
+            self._lock.release()
         finally:
             self._pool.clear()
         self._worker.raise_errors()
@@ -372,6 +428,14 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise ManagerClosedError(f"CheckpointManager for run {self._run_name!r} is closed")
+
+    def _claim(self) -> None:
+        """Before the first write: take the run's writer lock, then clear temp files a killed writer left."""
+        if not self._lock.held:
+            self._lock.acquire()
+            self._storage.remove_stale_temps(self._dir)
+        elif not self._worker.background:
+            self._lock.heartbeat()  # no worker to refresh it periodically
 
     # ---- finding and loading --------------------------------------------------------------
     def checkpoints(self) -> list[index.CheckpointInfo]:
@@ -479,12 +543,13 @@ def _torch_writer(obj: Any) -> Callable[[IO[bytes]], None]:
     return write
 
 
-def _close_quietly(worker: Worker, pool: SnapshotPool, run_name: str) -> None:
+def _close_quietly(worker: Worker, pool: SnapshotPool, lock: WriterLock, run_name: str) -> None:
     """Close an abandoned manager's worker; its errors can reach no caller now, so they are logged."""
     try:
         worker.close()
     finally:
         pool.clear()
+        lock.release()
     while worker.pending_errors():
         try:
             worker.raise_errors()

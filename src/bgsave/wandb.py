@@ -174,6 +174,7 @@ def upload_to_wandb(
     metadata: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     checksum: bool = True,
+    wait: bool = False,
 ) -> None:
     """Log one checkpoint file as a ``model`` artifact of ``wandb_run``, aliased ``latest`` and ``epoch_NNNN``.
 
@@ -189,6 +190,8 @@ def upload_to_wandb(
         run_name: The artifact's name before cleaning; default the W&B run's name, else its id.
         checksum: For bucket URLs, whether W&B reads the object's ETag and size (with its own
             client and the environment's credentials) or records the URI alone.
+        wait: On an online run, block until W&B has uploaded the file (``artifact.wait()``), so
+            it may be deleted afterwards; ignored offline, where ``wait()`` raises.
 
     Example:
         >>> run = wandb.init(project="ppo")  # doctest: +SKIP
@@ -215,6 +218,8 @@ def upload_to_wandb(
         artifact = wandb.Artifact(name, type=ARTIFACT_TYPE, metadata=values)
         _add_checkpoint(artifact, path, checksum=checksum)
         wandb_run.log_artifact(artifact, aliases=aliases)
+        if wait and not getattr(wandb_run, "offline", True):
+            artifact.wait()
     except Exception as exc:
         raise WandbUploadError(
             f"logging epoch {epoch} ({path}) to W&B as artifact {name!r} failed: {type(exc).__name__}: {exc}",

@@ -122,10 +122,20 @@ class Worker:
         background: Write on the worker (True) or synchronously in ``submit`` (False).
         max_pending: How many prepared jobs may wait behind the one being executed.
         name: Used in thread names and log lines.
+        periodic: ``(seconds, fn)``: run ``fn`` in a worker thread every ``seconds`` while the
+            worker lives (the writer lock's heartbeat); its errors are logged.
     """
 
-    def __init__(self, *, background: bool, max_pending: int, name: str) -> None:
+    def __init__(
+        self,
+        *,
+        background: bool,
+        max_pending: int,
+        name: str,
+        periodic: tuple[float, Callable[[], None]] | None = None,
+    ) -> None:
         self.background = background
+        self._periodic = periodic
         self.max_pending = max_pending
         self.name = name
         self.records: collections.deque[SaveRecord] = collections.deque(maxlen=RECORDS_KEPT)
@@ -256,7 +266,8 @@ class Worker:
             raise WorkerTimeoutError(
                 f"{self.name}: queued checkpoint writes did not finish within {timeout}s"
             ) from None
-        except concurrent.futures.CancelledError:
+        except BaseException:
+            # A worker that died mid-flush closes the stream under the marker: report the death itself.
             self._check_alive()
             raise
 
@@ -273,6 +284,9 @@ class Worker:
         after_send, after_receive = anyio.create_memory_object_stream[Job | anyio.Event](math.inf)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._run_after, after_receive)
+            stop_periodic = anyio.Event()
+            if self._periodic is not None:
+                tg.start_soon(self._run_periodic, *self._periodic, stop_periodic)
             async with receive, after_send:
                 async for item in receive:
                     if isinstance(item, Job):
@@ -282,6 +296,19 @@ class Worker:
                             if item.needs_slot:
                                 self._slots.release_on_behalf_of(item.slot)
                     await after_send.send(item)
+            # The stream closed: the after-lane drains by itself; the periodic task must be told.
+            stop_periodic.set()
+
+    async def _run_periodic(self, seconds: float, fn: Callable[[], None], stop: anyio.Event) -> None:
+        while True:
+            with anyio.move_on_after(seconds):
+                await stop.wait()
+            if stop.is_set():
+                return
+            try:
+                await anyio.to_thread.run_sync(fn)
+            except Exception:
+                logger.warning("%s: periodic task failed", self.name, exc_info=True)
 
     async def _run_after(self, receive: MemoryObjectReceiveStream[Job | anyio.Event]) -> None:
         async with receive:
