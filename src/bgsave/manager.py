@@ -30,6 +30,7 @@ from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
 from bgsave.errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, ManagerClosedError
 from bgsave.lock import STALE_AFTER, WriterLock
+from bgsave.preemption import install_sigterm_handler
 from bgsave.retention import RetentionPolicy
 from bgsave.snapshot import Snapshot, SnapshotPool
 from bgsave.storage import Storage
@@ -157,6 +158,7 @@ class CheckpointManager:
         self._lock = WriterLock(self._storage, self._storage.root, self._run_name)
         self._pool = SnapshotPool()
         self._closed = False
+        self._restore_sigterm: Callable[[], None] | None = None
         self._worker = Worker(
             background=background,
             max_pending=max_pending,
@@ -379,6 +381,20 @@ class CheckpointManager:
             Job(kind="metadata", epoch=epoch, path=shown, prepare=lambda: None, execute=execute, needs_slot=False)
         )
 
+    def handle_sigterm(self, *, grace_s: float = 30.0, final_save: Callable[[], object] | None = None) -> None:
+        """Opt in: on SIGTERM, run ``final_save`` (if given), flush queued writes, then exit as before.
+
+        The handler that was installed before is kept and called afterwards (or the default action,
+        death by SIGTERM, is taken); see :mod:`bgsave.preemption`. Call from the main thread.
+
+        Example:
+            >>> mgr.handle_sigterm(final_save=lambda: mgr.save_agent(agent, epoch))  # doctest: +SKIP
+        """
+        self._check_open()
+        if self._restore_sigterm is not None:
+            self._restore_sigterm()
+        self._restore_sigterm = install_sigterm_handler(self, grace_s=grace_s, final_save=final_save)
+
     # ---- waiting and closing --------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> None:
         """Block until every queued write is durable.
@@ -410,6 +426,8 @@ class CheckpointManager:
             return
         self._closed = True
         self._finalizer.detach()
+        if self._restore_sigterm is not None:
+            self._restore_sigterm()
         try:
             self._worker.close(timeout)
             self._lock.release()
