@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import shutil
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -304,6 +305,7 @@ class CheckpointManager:
             snapshot = holder[0]
             snapshot.wait_ready()
             self._storage.makedirs(self._dir)
+            self._warn_if_low_space(kind, epoch, snapshot.nbytes)
             return write(snapshot.value)
 
         def cleanup() -> None:
@@ -318,6 +320,21 @@ class CheckpointManager:
             execute=execute,
             cleanup=cleanup,
         )
+
+    def _warn_if_low_space(self, kind: str, epoch: int, nbytes: int) -> None:
+        # Pre-flight on local disk: a full disk still fails the write cleanly, but the warning comes first.
+        if self._storage.is_local:
+            free = shutil.disk_usage(self._dir).free
+            if free < nbytes:
+                logger.warning(
+                    "%s: %s of epoch %d needs about %.1f MB but only %.1f MB is free in %s",
+                    self._run_name,
+                    kind,
+                    epoch,
+                    nbytes / 1e6,
+                    free / 1e6,
+                    self.checkpoint_dir,
+                )
 
     def save_at_interval(
         self,
