@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/train.py --run-dir runs/demo
+	$(PY) examples/train_rl.py --run-dir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -29,7 +29,13 @@ import torch
 from bgsave import index, retention
 from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
-from bgsave.errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, ManagerClosedError
+from bgsave.errors import (
+    BgsaveError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    ManagerClosedError,
+)
 from bgsave.lock import STALE_AFTER, WriterLock
 from bgsave.preemption import install_sigterm_handler
 from bgsave.retention import RetentionPolicy
@@ -63,8 +69,12 @@ class RunStart:
         agent: The resumed agent, or the new one (already saved as epoch 0).
         epoch: The epoch the agent was saved at.
         agent_step: The agent step of that checkpoint.
-        trainer_state: ``{"optimizer_state", "epoch", "agent_step"}`` when resuming and one exists.
+        trainer_state: ``{"optimizer_state", "epoch", "agent_step"}`` when resuming and one exists
+            *for the same epoch*; None otherwise (a trainer state of another epoch is not mixed in:
+            a WARNING names both epochs).
         resumed: Whether an existing checkpoint was loaded.
+        info: The resumed checkpoint's :class:`~bgsave.index.CheckpointInfo` (its sidecar: score,
+            total_time, ...), None for a new run.
     """
 
     agent: Any
@@ -72,6 +82,7 @@ class RunStart:
     agent_step: int
     trainer_state: dict[str, Any] | None
     resumed: bool
+    info: index.CheckpointInfo | None = None
 
 
 def _validate_run_name(run_name: object) -> str:
@@ -458,7 +469,16 @@ class CheckpointManager:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        # The block is already raising: a checkpoint failure must not replace that exception.
+        try:
+            self.close()
+        except BgsaveError as close_error:
+            logger.error("%s: while handling %r, closing failed: %s", self._run_name, exc, close_error)
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"bgsave: closing the checkpoint manager also failed: {close_error!r}")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -549,6 +569,8 @@ class CheckpointManager:
     def start_run(self, make_agent: Callable[[], AgentT], *, map_location: Any = None) -> RunStart:
         """Resume the run from its latest checkpoint, or start it with a new agent saved as epoch 0.
 
+        To record the new agent's eval score, call ``update_metadata(0, score=...)`` afterwards.
+
         Example:
             >>> start = mgr.start_run(lambda: Policy())  # doctest: +SKIP
             >>> optimizer = torch.optim.Adam(start.agent.parameters())  # doctest: +SKIP
@@ -562,12 +584,14 @@ class CheckpointManager:
             return RunStart(agent=agent, epoch=0, agent_step=0, trainer_state=None, resumed=False)
         latest = infos[-1]
         agent = self.load_agent(latest.epoch, map_location=map_location)
+        state = self.load_trainer_state(map_location=map_location)  # warns when the epochs differ
         return RunStart(
             agent=agent,
             epoch=latest.epoch,
             agent_step=int(latest.sidecar.get("agent_step") or 0),
-            trainer_state=self.load_trainer_state(map_location=map_location),
+            trainer_state=state if state is not None and state.get("epoch") == latest.epoch else None,
             resumed=True,
+            info=latest,
         )
 
 

@@ -1,0 +1,61 @@
+"""start_run's resume rules, and a `with` block whose own exception is never replaced by a checkpoint failure."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from bgsave import CheckpointManager
+
+
+def test_start_run_does_not_mix_a_trainer_state_of_another_epoch(
+    local_run_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When trainer_state.pt is from another epoch than the latest agent, start_run returns none and warns."""
+    with CheckpointManager(local_run_dir, "r") as mgr:
+        agent = torch.nn.Linear(3, 3)
+        optimizer = torch.optim.Adam(agent.parameters())
+        mgr.save_agent(agent, 5, {"agent_step": 50, "score": 0.5})
+        mgr.save_trainer_state(optimizer, 5, 50)
+        mgr.save_agent(agent, 6, {"agent_step": 60})  # crashed before its trainer state, say
+    with CheckpointManager(local_run_dir, "r") as mgr:
+        start = mgr.start_run(lambda: torch.nn.Linear(3, 3))
+    assert start.resumed and start.epoch == 6 and start.agent_step == 60
+    assert start.trainer_state is None
+    assert start.info is not None and start.info.sidecar["agent_step"] == 60
+    assert any(
+        r.levelno == logging.WARNING and "epoch 5" in r.getMessage() and "epoch 6" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_start_run_returns_matching_trainer_state(local_run_dir: str) -> None:
+    """A trainer state of the latest epoch comes back with the agent, and the optimizer state restores."""
+    agent = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.Adam(agent.parameters())
+    agent(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    with CheckpointManager(local_run_dir, "r") as mgr:
+        mgr.save_agent(agent, 2, {"agent_step": 20})
+        mgr.save_trainer_state(optimizer, 2, 20)
+    with CheckpointManager(local_run_dir, "r") as mgr:
+        start = mgr.start_run(lambda: torch.nn.Linear(3, 3))
+    assert start.trainer_state is not None and start.trainer_state["agent_step"] == 20
+    fresh = torch.optim.Adam(start.agent.parameters())
+    fresh.load_state_dict(start.trainer_state["optimizer_state"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_with_block_exception_is_not_replaced_by_a_checkpoint_failure(
+    local_run_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The training error propagates; the failed save is logged and noted on it, not lost."""
+    with pytest.raises(KeyError) as info, CheckpointManager(local_run_dir, "r") as mgr:
+        mgr.save_agent({"f": lambda: 1}, 1)  # cannot be pickled: fails in the background
+        raise KeyError("training failed")
+    assert any("closing failed" in r.getMessage() and "epoch 1" in r.getMessage() for r in caplog.records)
+    notes = getattr(info.value, "__notes__", None)
+    if notes is not None:  # Python >= 3.11
+        assert any("epoch 1" in n for n in notes)
