@@ -374,7 +374,7 @@ class CheckpointManager:
             self.save_trainer_state(optimizer, epoch, int((metadata or {}).get("agent_step", 0)))
         return path
 
-    def update_metadata(self, epoch: int, **metrics: Any) -> None:
+    def update_metadata(self, epoch: int, /, **metrics: Any) -> None:
         """Add or change sidecar values of a saved checkpoint, for eval scores that arrive after the save.
 
         The sidecar is rewritten atomically on the worker, after any pending save of that epoch;
