@@ -22,6 +22,7 @@ from bgsave.errors import (
 )
 from bgsave.index import CheckpointInfo, find_latest_checkpoint, load_checkpoint
 from bgsave.manager import CheckpointManager, RunStart, Stateful
+from bgsave.retry import RetryPolicy
 from bgsave.wandb import upload_to_wandb
 from bgsave.worker import SaveRecord
 
@@ -35,6 +36,7 @@ __all__ = (
     "CheckpointWriteError",
     "InvalidArgumentError",
     "ManagerClosedError",
+    "RetryPolicy",
     "RunLockedError",
     "RunStart",
     "SaveRecord",

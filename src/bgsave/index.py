@@ -128,10 +128,12 @@ def load_file(storage: Storage, path: str, *, map_location: Any = None) -> Any:
     """``torch.load(weights_only=False)`` of one fsspec path, with errors that name the file."""
     shown = storage.display(path)
     try:
-        with storage.open_read(path) as f:
-            return torch.load(f, map_location=map_location, weights_only=False)
+        # read_with retries transient storage faults, re-reading from the start.
+        return storage.read_with(path, lambda f: torch.load(f, map_location=map_location, weights_only=False))
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{shown} does not exist", path=shown) from exc
+    except OSError as exc:
+        raise CheckpointReadError(f"reading {shown} failed: {exc}", path=shown) from exc
     except Exception as exc:
         raise CheckpointReadError(
             f"{shown} is truncated, corrupt or not a torch.save file: {type(exc).__name__}: {exc}", path=shown

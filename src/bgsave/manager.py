@@ -39,6 +39,7 @@ from bgsave.errors import (
 from bgsave.lock import STALE_AFTER, WriterLock
 from bgsave.preemption import install_sigterm_handler
 from bgsave.retention import RetentionPolicy
+from bgsave.retry import RetryPolicy
 from bgsave.snapshot import Snapshot, SnapshotPool
 from bgsave.storage import Storage
 from bgsave.worker import Job, SaveRecord, Worker
@@ -95,6 +96,13 @@ def _validate_run_name(run_name: object) -> str:
     return run_name
 
 
+def _validate_optimizer(optimizer: object) -> None:
+    if not callable(getattr(optimizer, "state_dict", None)):
+        raise InvalidArgumentError(
+            f"optimizer must have a state_dict() method (a torch.optim.Optimizer), got {type(optimizer).__name__}"
+        )
+
+
 def _validate_agent_step(agent_step: object) -> int:
     return sidecar_schema.validate_epoch(agent_step, argument="agent_step")
 
@@ -119,6 +127,8 @@ class CheckpointManager:
         keep_best: Retention: also keep the K best by ``metric`` (needs ``keep_last``).
         metric: The sidecar key ``keep_best`` ranks by.
         mode: "max" or "min": whether a higher or lower ``metric`` is better.
+        retry: How transient storage faults (resets, 5xx, throttling) are retried; default 3
+            attempts with exponential backoff and jitter (:class:`~bgsave.retry.RetryPolicy`).
 
     Example:
         >>> with CheckpointManager("runs/exp1", "exp1") as mgr:  # doctest: +SKIP
@@ -144,6 +154,7 @@ class CheckpointManager:
         keep_best: int = 0,
         metric: str = "score",
         mode: str = "max",
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._run_name = _validate_run_name(run_name)
         if not isinstance(background, bool):
@@ -154,7 +165,8 @@ class CheckpointManager:
             raise InvalidArgumentError(
                 f"storage_options must be a mapping or None, got {type(storage_options).__name__}"
             )
-        self._storage = Storage(os.fspath(run_dir) if isinstance(run_dir, os.PathLike) else run_dir, storage_options)
+        path = os.fspath(run_dir) if isinstance(run_dir, os.PathLike) else run_dir
+        self._storage = Storage(path, storage_options, retry=retry)
         if self._storage.is_file(self._storage.root):
             raise InvalidArgumentError(f"run_dir {run_dir!s} is an existing file; it must be a directory")
         self._wandb_run = None if wandb_run is None else bgsave_wandb.validate_run(wandb_run)
@@ -220,6 +232,7 @@ class CheckpointManager:
         self._check_open()
         epoch = sidecar_schema.validate_epoch(epoch)
         sidecar = sidecar_schema.build(self._run_name, epoch, metadata)
+        sidecar_bytes = sidecar_schema.dumps(sidecar)  # serialized now: a YAML failure is the caller's error
         self._worker.raise_errors()
         self._claim()
         pt = self._storage.join_dir(self._dir, index.checkpoint_name(epoch, "pt"))
@@ -227,13 +240,19 @@ class CheckpointManager:
         shown = self._storage.display(pt)
 
         def write(snapshot: Any) -> int:
-            # Un-commit an older save of this epoch first, so its sidecar never describes the new .pt.
-            self._storage.delete(yml)
+            # The old sidecar of this epoch (a re-save) is removed only once the new .pt is complete,
+            # right before it replaces the old one: a failed re-save leaves the earlier checkpoint.
+            size = self._storage.write_atomic(
+                pt, _torch_writer(snapshot), before_commit=lambda: self._storage.delete(yml)
+            )
             try:
-                size = self._storage.write_atomic(pt, _torch_writer(snapshot))
-                size += self._storage.write_bytes_atomic(yml, sidecar_schema.dumps(sidecar))
+                size += self._storage.write_bytes_atomic(yml, sidecar_bytes)
             except BaseException:
-                self._storage.delete(pt)
+                # A failed save leaves nothing of itself; the cleanup's own failure must not hide the cause.
+                try:
+                    self._storage.delete(pt)
+                except Exception as cleanup:
+                    logger.warning("%s: could not remove %s after a failed save: %s", self._run_name, shown, cleanup)
                 raise
             logger.info("%s: committed epoch %d (%s, %.1f MB)", self._run_name, epoch, shown, size / 1e6)
             return size
@@ -288,10 +307,7 @@ class CheckpointManager:
             ManagerClosedError: after :meth:`close`.
         """
         self._check_open()
-        if not callable(getattr(optimizer, "state_dict", None)):
-            raise InvalidArgumentError(
-                f"optimizer must have a state_dict() method (a torch.optim.Optimizer), got {type(optimizer).__name__}"
-            )
+        _validate_optimizer(optimizer)
         epoch = sidecar_schema.validate_epoch(epoch)
         agent_step = _validate_agent_step(agent_step)
         self._worker.raise_errors()
@@ -364,14 +380,19 @@ class CheckpointManager:
         Returns:
             The ``.pt`` path when a save was made, else None.
         """
+        self._check_open()
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise InvalidArgumentError(f"interval must be an int >= 1, got {interval!r}")
         epoch = sidecar_schema.validate_epoch(epoch)
         if epoch % interval:
             return None
+        # Validate everything both saves need before the first one queues anything.
+        agent_step = sidecar_schema.build(self._run_name, epoch, metadata)["agent_step"]
+        if optimizer is not None:
+            _validate_optimizer(optimizer)
         path = self.save_agent(agent, epoch, metadata)
         if optimizer is not None:
-            self.save_trainer_state(optimizer, epoch, int((metadata or {}).get("agent_step", 0)))
+            self.save_trainer_state(optimizer, epoch, int(agent_step or 0))
         return path
 
     def update_metadata(self, epoch: int, /, **metrics: Any) -> None:
@@ -602,8 +623,19 @@ def _torch_writer(obj: Any) -> Callable[[IO[bytes]], None]:
     return write
 
 
-def _close_quietly(worker: Worker, pool: SnapshotPool, lock: WriterLock, run_name: str) -> None:
+def _close_quietly(
+    worker: Worker, pool: SnapshotPool, lock: WriterLock, run_name: str, *, on_this_thread: bool = False
+) -> None:
     """Close an abandoned manager's worker; its errors can reach no caller now, so they are logged."""
+    if not on_this_thread and threading.current_thread() is not threading.main_thread():
+        # The last reference may drop on the worker's own thread, which must not wait for itself.
+        threading.Thread(
+            target=_close_quietly,
+            args=(worker, pool, lock, run_name),
+            kwargs={"on_this_thread": True},
+            name=f"bgsave-close-{run_name}",
+        ).start()
+        return
     try:
         worker.close()
     finally:

@@ -46,8 +46,13 @@ def validate_epoch(epoch: object, *, argument: str = "epoch") -> int:
 
 def _to_scalar(key: str, value: object) -> Scalar:
     """Turn ``value`` into a plain YAML scalar, or raise naming ``key``."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
+    # Subclasses (numpy.str_, str enums, numpy.bool_ is not a bool) become the plain type, which safe_dump can write.
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str.__str__(value)  # the characters themselves, not a subclass's __str__ ("Mode.TRAIN")
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):

@@ -211,8 +211,8 @@ class Worker:
             job.prepare()
             job.queued_at = time.perf_counter()
             job.stall_s = job.queued_at - start
-            self._execute(job)
-            self._finish(job)
+            self._execute([job])
+            self._finish([job])
             self.raise_errors()
             return
         portal = self._portal
@@ -291,11 +291,13 @@ class Worker:
                 async for item in receive:
                     if isinstance(item, Job):
                         try:
-                            await anyio.to_thread.run_sync(self._execute, item)
+                            await anyio.to_thread.run_sync(self._execute, [item])
                         finally:
                             if item.needs_slot:
                                 self._slots.release_on_behalf_of(item.slot)
                     await after_send.send(item)
+                    # A finished job's closures hold its manager: don't keep it alive while idle.
+                    del item
             # The stream closed: the after-lane drains by itself; the periodic task must be told.
             stop_periodic.set()
 
@@ -316,10 +318,16 @@ class Worker:
                 if isinstance(item, anyio.Event):
                     item.set()
                 else:
-                    await anyio.to_thread.run_sync(self._finish, item)
+                    await anyio.to_thread.run_sync(self._finish, [item])
+                del item
 
-    def _execute(self, job: Job) -> None:
-        """Run the write; a failure is kept for the caller, never raised here."""
+    def _execute(self, box: list[Job]) -> None:
+        """Run the write; a failure is kept for the caller, never raised here.
+
+        The job comes in a list that is emptied here: anyio's idle worker thread keeps its last
+        arguments, and a job must not outlive its run (its closures hold the manager).
+        """
+        job = box.pop()
         job.started_at = time.perf_counter()
         try:
             job.written = job.execute()
@@ -337,8 +345,9 @@ class Worker:
             job.cleanup()
             job.write_s = time.perf_counter() - job.started_at
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, box: list[Job]) -> None:
         """Run the after-step of a committed job (its failure is logged and recorded, never raised), then record."""
+        job = box.pop()
         after_s, after_error = 0.0, None
         if job.after is not None and job.error is None:
             started = time.perf_counter()

@@ -1,0 +1,177 @@
+"""Retry: which storage errors are transient, and how often and how long to retry them.
+
+:func:`is_transient` examines an exception and its causes: an HTTP answer decides by its status and
+error code (408, 429, 5xx except 501, throttling codes such as ``SlowDown``); otherwise dropped
+connections and timeouts are transient and everything else (403, 404, a full disk) is permanent.
+:class:`RetryPolicy` bounds the attempts, with exponential backoff and jitter. :mod:`bgsave.storage`
+applies both to whole-file operations; the error a failed operation ends with names the URL, keeps
+the builtin ``OSError`` kind of the original, and never shows credential-like text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from bgsave.errors import InvalidArgumentError
+
+__all__ = ("DEFAULT_RETRY", "RetryPolicy", "describe", "final_error", "is_transient")
+
+
+# ---- retry policy ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a storage operation that failed with a transient error is tried, and how long to wait.
+
+    The wait before attempt ``n + 1`` is drawn uniformly from ``[d / 2, d]`` with
+    ``d = min(max_delay, initial_delay * 2 ** (n - 1))``: exponential backoff, jittered so that many
+    writers hitting the same throttled bucket do not retry in lockstep.
+
+    Attributes:
+        attempts: Attempts in all, including the first (1 disables retries).
+        initial_delay: Seconds before the second attempt (before jitter).
+        max_delay: Upper bound of any one wait, in seconds.
+
+    Example:
+        >>> CheckpointManager("s3://bucket/run", "exp", retry=RetryPolicy(attempts=5))  # doctest: +SKIP
+    """
+
+    attempts: int = 3
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise InvalidArgumentError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        for name in ("initial_delay", "max_delay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise InvalidArgumentError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        ceiling = min(self.max_delay, self.initial_delay * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+# ---- transient or permanent ------------------------------------------------------------------
+# Error codes of S3 (and look-alikes) worth another try; HTTP statuses likewise.
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+        "PriorRequestNotComplete",
+        "XAmzContentSHA256Mismatch",  # the body was damaged on the way (s3fs retries it too)
+    }
+)
+_TRANSIENT_STATUS = frozenset({408, 429})
+# Exception classes of the client libraries (botocore, aiohttp, fsspec, google-auth) that mean "the
+# connection or the response broke", matched by name so that this module imports none of them.
+_TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        "HTTPClientError",  # botocore: ConnectionClosedError, EndpointConnectionError, Read/ConnectTimeoutError
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ResponseParserError",  # throttling responses with broken XML (s3fs issue 484)
+        "ClientConnectionError",  # aiohttp: ServerDisconnectedError, ClientOSError, ...
+        "ClientPayloadError",
+        "ServerTimeoutError",
+        "TransportError",  # google.auth
+        "FileExpired",  # fsspec: the object was replaced while being read; a new attempt reads the new one
+    }
+)
+_PERMANENT_TYPES = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+_TIMEOUT_TYPES = (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth retrying: a dropped connection, a timeout, throttling or a 5xx answer.
+
+    The exception and its causes are examined in order (s3fs raises an ``OSError`` whose cause is the
+    botocore error carrying the HTTP status). An HTTP answer decides by its status and error code;
+    otherwise connection and timeout errors are transient and everything else is permanent.
+    """
+    for error in _causes(exc):
+        status, code = _http_status(error)
+        if status is not None or code is not None:
+            return (
+                code in _TRANSIENT_CODES
+                or status in _TRANSIENT_STATUS
+                or (status is not None and status >= 500 and status != 501)
+            )
+        if isinstance(error, _PERMANENT_TYPES):
+            return False
+        if isinstance(error, (ConnectionError, *_TIMEOUT_TYPES)) or any(
+            cls.__name__ in _TRANSIENT_CLASS_NAMES for cls in type(error).__mro__
+        ):
+            return True
+    return False
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from (its cause, else its unsuppressed context), and so on."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
+def _http_status(error: BaseException) -> tuple[int | None, str | None]:
+    """The HTTP status and error code an exception carries (botocore, requests, aiohttp, gcsfs)."""
+    response = getattr(error, "response", None)
+    if isinstance(response, Mapping):  # botocore ClientError
+        meta = response.get("ResponseMetadata") or {}
+        err = response.get("Error") or {}
+        status = meta.get("HTTPStatusCode")
+        code = err.get("Code")
+        return (status if isinstance(status, int) else None, code if isinstance(code, str) else None)
+    for owner in (error, response):
+        for attr in ("status_code", "status", "code"):
+            value = getattr(owner, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+                return value, None
+    return None, None
+
+
+# Secrets that could appear in an error's text: user:password@ in a URL, presigned query parameters.
+_SECRETS = re.compile(r"(?P<scheme>://)[^/\s@]+@|(?P<param>(?:X-Amz-Signature|X-Amz-Credential|Token)=)[^&\s\"']+")
+
+
+def _mask(match: re.Match[str]) -> str:
+    return f"{match['scheme']}***@" if match["scheme"] else f"{match['param']}***"
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` for logs and error messages, with anything credential-like masked."""
+    return _SECRETS.sub(_mask, f"{type(exc).__name__}: {exc}")
+
+
+def final_error(exc: BaseException, what: str, shown: str, attempts: int, transient: bool) -> OSError:
+    """The error a storage operation ends with: names the URL, keeps the builtin OSError kind of ``exc``."""
+    if transient:
+        message = f"{what} {shown} failed after {attempts} attempt{'s' * (attempts != 1)}: {describe(exc)}"
+    else:
+        message = f"{what} {shown} failed: {describe(exc)}"
+    kind: type[OSError] = OSError
+    if isinstance(exc, OSError):
+        kind = next(c for c in type(exc).__mro__ if c.__module__ == "builtins" and issubclass(c, OSError))
+    return kind(message)
