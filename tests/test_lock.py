@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from bgsave import CheckpointManager, RunLockedError
+from bgsave import CheckpointManager, CheckpointWriteError, RunLockedError
 from bgsave.lock import LOCK_NAME, STALE_AFTER
 
 
@@ -143,3 +143,13 @@ def test_killed_writer_leaves_a_lock_that_the_next_run_takes_over(local_run_dir:
         mgr.save_agent(torch.nn.Linear(2, 2), 1)
         mgr.wait()
         assert [i.epoch for i in mgr.checkpoints()] == [0, 1]
+
+
+def test_missing_bucket_fails_at_the_first_save_naming_the_url(s3_endpoint: str) -> None:
+    """A run dir in a bucket that does not exist: the first save raises CheckpointWriteError naming the URL."""
+    url = "s3://bgsave-no-such-bucket-x/runs/r"
+    mgr = CheckpointManager(url, "r")
+    with pytest.raises(CheckpointWriteError, match="bgsave-no-such-bucket-x") as info:
+        mgr.save_agent(torch.nn.Linear(2, 2), 0)
+    assert isinstance(info.value.__cause__, OSError)
+    mgr.close()

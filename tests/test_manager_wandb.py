@@ -79,3 +79,23 @@ def test_bad_wandb_arguments_are_refused(local_run_dir: str) -> None:
     with pytest.raises(InvalidArgumentError, match="wandb_every_n"):
         CheckpointManager(local_run_dir, "exp", wandb_every_n=0)
     assert not os.path.exists(local_run_dir)
+
+
+def test_offline_run_with_retention_gets_copies_so_pruning_cannot_break_sync(
+    wandb_dirs: str, local_run_dir: str
+) -> None:
+    """Offline + keep_last: W&B stages its own copy of each file, so pruned checkpoints stay syncable."""
+    run = wandb.init(project="bgsave-tests", dir=wandb_dirs, name="w")
+    with CheckpointManager(local_run_dir, "exp", wandb_run=run, keep_last=1) as mgr:
+        for epoch in range(3):
+            mgr.save_agent(_agent(epoch), epoch, {"score": float(epoch)})
+        mgr.wait()
+        assert [i.epoch for i in mgr.checkpoints()] == [2]
+    run.finish()
+    artifacts = artifact_records(wandb_dirs)
+    assert [json.loads(a.metadata)["epoch"] for a in artifacts] == [0, 1, 2]
+    for artifact in artifacts:
+        [entry] = artifact.manifest.contents
+        # The manifest points at W&B's staged copy, which still exists after the prune.
+        assert entry.local_path and "checkpoints" not in entry.local_path
+        assert os.path.exists(entry.local_path)

@@ -33,6 +33,7 @@ from bgsave.errors import (
     BgsaveError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     InvalidArgumentError,
     ManagerClosedError,
 )
@@ -176,8 +177,6 @@ class CheckpointManager:
         # Epochs queued or being written: retention never prunes them (a re-save of an old epoch).
         self._in_flight: collections.Counter[int] = collections.Counter()
         self._in_flight_lock = threading.Lock()
-        # Offline W&B reads a logged file only at `wandb sync`: retention must leave those files alone.
-        self._uploaded_offline: set[int] = set()
         self._dir = self._storage.join("checkpoints")
         self._lock = WriterLock(self._storage, self._storage.root, self._run_name)
         self._pool = SnapshotPool()
@@ -280,15 +279,21 @@ class CheckpointManager:
         self._committed += 1
         prunes = not self._retention.keeps_everything
         if self._wandb_run is not None and bgsave_wandb.should_upload(index_, self._wandb_every_n):
-            # With retention on, wait for an online upload to finish: W&B reads the file in place.
+            # W&B reads a local file in place, later. With retention on, the file may go before that:
+            # online, wait for the upload to finish; offline (read at `wandb sync`), let W&B copy it.
+            offline = bool(getattr(self._wandb_run, "offline", False))
             bgsave_wandb.upload_to_wandb(
-                self._wandb_run, shown, epoch, metadata=sidecar, run_name=self._run_name, wait=prunes
+                self._wandb_run,
+                shown,
+                epoch,
+                metadata=sidecar,
+                run_name=self._run_name,
+                wait=prunes and not offline,
+                copy=prunes and offline,
             )
-            if getattr(self._wandb_run, "offline", False):
-                self._uploaded_offline.add(epoch)
         if prunes:
             with self._in_flight_lock:
-                protect = {epoch, *self._in_flight, *self._uploaded_offline}
+                protect = {epoch, *self._in_flight}
             infos = index.list_checkpoints(self._storage, self._dir)
             retention.prune(self._storage, self._dir, infos, self._retention, protect=protect)
 
@@ -508,7 +513,13 @@ class CheckpointManager:
     def _claim(self) -> None:
         """Before the first write: take the run's writer lock, then clear temp files a killed writer left."""
         if not self._lock.held:
-            self._lock.acquire()
+            try:
+                self._lock.acquire()
+            except OSError as exc:  # no such bucket, access denied, read-only directory...
+                raise CheckpointWriteError(
+                    f"cannot write to run directory {self._storage.display(self._storage.root)}: {exc}",
+                    path=self._storage.display(self._lock.path),
+                ) from exc
             self._storage.remove_stale_temps(self._dir)
         elif not self._worker.background:
             self._lock.heartbeat()  # no worker to refresh it periodically

@@ -152,11 +152,14 @@ def _default_name(wandb_run: Any, run_name: str | None) -> str:
     raise InvalidArgumentError("no artifact name: pass run_name, or use a W&B run that has a name or id")
 
 
-def _add_checkpoint(artifact: Any, path: str, *, checksum: bool) -> None:
+def _add_checkpoint(artifact: Any, path: str, *, checksum: bool, copy: bool) -> None:
     if path.startswith("file://"):
         path = path[len("file://") :]
     if not _URL.match(path):
-        artifact.add_file(path, name=os.path.basename(path), policy="immutable", skip_cache=True)
+        if copy:  # W&B stages its own copy: the checkpoint may be deleted before W&B reads it
+            artifact.add_file(path, name=os.path.basename(path))
+        else:
+            artifact.add_file(path, name=os.path.basename(path), policy="immutable", skip_cache=True)
         return
     name = posixpath.basename(urlsplit(path).path)
     entries = artifact.add_reference(path, name=name or None, checksum=checksum)
@@ -175,6 +178,7 @@ def upload_to_wandb(
     run_name: str | None = None,
     checksum: bool = True,
     wait: bool = False,
+    copy: bool = False,
 ) -> None:
     """Log one checkpoint file as a ``model`` artifact of ``wandb_run``, aliased ``latest`` and ``epoch_NNNN``.
 
@@ -192,6 +196,8 @@ def upload_to_wandb(
             client and the environment's credentials) or records the URI alone.
         wait: On an online run, block until W&B has uploaded the file (``artifact.wait()``), so
             it may be deleted afterwards; ignored offline, where ``wait()`` raises.
+        copy: Let W&B stage a copy of a local file (twice the disk until it is uploaded) instead of
+            reading it in place: needed offline when the file may be deleted before ``wandb sync``.
 
     Example:
         >>> run = wandb.init(project="ppo")  # doctest: +SKIP
@@ -216,7 +222,7 @@ def upload_to_wandb(
     aliases = ["latest", epoch_alias(epoch)]
     try:
         artifact = wandb.Artifact(name, type=ARTIFACT_TYPE, metadata=values)
-        _add_checkpoint(artifact, path, checksum=checksum)
+        _add_checkpoint(artifact, path, checksum=checksum, copy=copy)
         wandb_run.log_artifact(artifact, aliases=aliases)
         if wait and not getattr(wandb_run, "offline", True):
             artifact.wait()
