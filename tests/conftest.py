@@ -69,6 +69,13 @@ def local_run_dir(tmp_path: os.PathLike[str]) -> str:
     return os.path.join(os.fspath(tmp_path), "run")
 
 
+@pytest.fixture(params=["local", "memory"])
+def run_dir(request: pytest.FixtureRequest) -> str:
+    """Local disk and ``memory://``: the cheap backends, for semantics that must hold everywhere."""
+    path: str = request.getfixturevalue(f"{request.param}_run_dir")
+    return path
+
+
 @pytest.fixture(params=["local", "memory", "s3"])
 def any_run_dir(request: pytest.FixtureRequest) -> str:
     """The same test on local disk, ``memory://`` and the loopback S3 server."""

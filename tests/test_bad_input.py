@@ -32,13 +32,6 @@ from bgsave import (
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["local", "memory"])
-def run_dir(request: pytest.FixtureRequest) -> str:
-    """Local disk and ``memory://``."""
-    path: str = request.getfixturevalue(f"{request.param}_run_dir")
-    return path
-
-
 @pytest.fixture
 def mgr(run_dir: str) -> Iterator[CheckpointManager]:
     """A manager whose run already holds one committed checkpoint (epoch 1) and a trainer state."""

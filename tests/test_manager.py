@@ -52,13 +52,6 @@ def mgr_factory() -> Iterator[Callable[..., CheckpointManager]]:
             mgr.close()
 
 
-@pytest.fixture(params=["local", "memory"])
-def run_dir(request: pytest.FixtureRequest) -> str:
-    """Local disk and ``memory://``: the cheap backends, for semantics that must hold everywhere."""
-    path: str = request.getfixturevalue(f"{request.param}_run_dir")
-    return path
-
-
 def read_sidecar(pt_path: str) -> dict[str, Any]:
     """The parsed YAML sidecar that belongs to a ``.pt`` path (local path or URL)."""
     with fsspec.open(pt_path[: -len(".pt")] + ".yaml", "rb") as f:

@@ -31,13 +31,6 @@ from bgsave import (
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["local", "memory"])
-def run_dir(request: pytest.FixtureRequest) -> str:
-    """Local disk and ``memory://``."""
-    path: str = request.getfixturevalue(f"{request.param}_run_dir")
-    return path
-
-
 @pytest.fixture
 def mgr(run_dir: str) -> Iterator[CheckpointManager]:
     """A background manager, closed after the test."""

@@ -22,13 +22,6 @@ from bgsave import CheckpointError, CheckpointManager, load_checkpoint
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["local", "memory"])
-def run_dir(request: pytest.FixtureRequest) -> str:
-    """Local disk (temp file + rename) and ``memory://`` (serialized in memory, then one put)."""
-    path: str = request.getfixturevalue(f"{request.param}_run_dir")
-    return path
-
-
 @pytest.fixture
 def manager(run_dir: str) -> Iterator[CheckpointManager]:
     """A background manager on the run directory, closed after the test."""
