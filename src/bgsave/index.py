@@ -132,8 +132,8 @@ def load_file(storage: Storage, path: str, *, map_location: Any = None) -> Any:
         return storage.read_with(path, lambda f: torch.load(f, map_location=map_location, weights_only=False))
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{shown} does not exist", path=shown) from exc
-    except OSError as exc:
-        raise CheckpointReadError(f"reading {shown} failed: {exc}", path=shown) from exc
+    except OSError as exc:  # the storage's own message already names the operation and the file
+        raise CheckpointReadError(str(exc), path=shown) from exc
     except Exception as exc:
         raise CheckpointReadError(
             f"{shown} is truncated, corrupt or not a torch.save file: {type(exc).__name__}: {exc}", path=shown

@@ -36,6 +36,7 @@ from bgsave.errors import (
     CheckpointWriteError,
     InvalidArgumentError,
     ManagerClosedError,
+    WorkerTimeoutError,
 )
 from bgsave.lock import STALE_AFTER, WriterLock
 from bgsave.preemption import install_sigterm_handler
@@ -168,7 +169,13 @@ class CheckpointManager:
             )
         path = os.fspath(run_dir) if isinstance(run_dir, os.PathLike) else run_dir
         self._storage = Storage(path, storage_options, retry=retry)
-        if self._storage.is_file(self._storage.root):
+        try:
+            is_file = self._storage.is_file(self._storage.root)
+        except OSError as exc:
+            if isinstance(exc.__cause__, TypeError):  # the filesystem refused an option
+                raise InvalidArgumentError(f"storage_options not accepted by the filesystem: {exc.__cause__}") from exc
+            raise
+        if is_file:
             raise InvalidArgumentError(f"run_dir {run_dir!s} is an existing file; it must be a directory")
         self._wandb_run = None if wandb_run is None else bgsave_wandb.validate_run(wandb_run)
         self._wandb_every_n = bgsave_wandb.validate_every_n(wandb_every_n, argument="wandb_every_n")
@@ -484,6 +491,14 @@ class CheckpointManager:
             self._restore_sigterm()
         try:
             self._worker.close(timeout)
+        except WorkerTimeoutError:
+            # The abandoned write may still land: the run stays ours until the worker has stopped.
+            self._worker.when_stopped(self._lock.release)
+            raise
+        except BaseException:
+            self._lock.release()  # a dead worker writes nothing more
+            raise
+        else:
             self._lock.release()
         finally:
             self._pool.clear()
@@ -521,6 +536,8 @@ class CheckpointManager:
                     path=self._storage.display(self._lock.path),
                 ) from exc
             self._storage.remove_stale_temps(self._dir)
+            if self._storage.is_local:  # the lock's own temp file, if a heartbeat was killed
+                self._storage.remove_stale_temps(self._storage.root)
         elif not self._worker.background:
             self._lock.heartbeat()  # no worker to refresh it periodically
 
@@ -609,6 +626,10 @@ class CheckpointManager:
             >>> if start.trainer_state:  # doctest: +SKIP
             ...     optimizer.load_state_dict(start.trainer_state["optimizer_state"])
         """
+        if not callable(make_agent):
+            raise InvalidArgumentError(
+                f"make_agent must be a callable returning a new agent, got {type(make_agent).__name__}"
+            )
         infos = self.checkpoints()
         if not infos:
             agent = make_agent()

@@ -29,6 +29,8 @@ from bgsave.errors import InvalidArgumentError
 __all__ = ("METRIC_KEYS", "SEED_KEYS", "build", "dumps", "loads", "metric_value", "normalize", "validate_epoch")
 
 SEED_KEYS = ("epoch", "agent_step", "score", "avg_reward", "total_time", "run")
+# A sidecar is a few hundred bytes; anything far larger is not one of ours.
+MAX_BYTES = 64 * 1024
 # Keys whose value must be a number (or null for the optional metrics).
 METRIC_KEYS = ("score", "avg_reward", "total_time")
 
@@ -129,12 +131,18 @@ def loads(data: bytes, *, source: str) -> dict[str, Any]:
         ValueError: the bytes are not YAML, not a mapping, or lack an int ``epoch``; the message
             names ``source``.
     """
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"{source}: {len(data)} bytes is too large for a sidecar (at most {MAX_BYTES})")
     try:
         parsed = yaml.safe_load(data.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{source}: not a readable YAML sidecar ({exc})") from exc
     if not isinstance(parsed, dict):
         raise ValueError(f"{source}: sidecar is not a mapping")
+    # Scalars only, as written: also defuses alias bombs, whose nested lists expand when printed.
+    for key, value in parsed.items():
+        if not isinstance(key, str) or not (value is None or isinstance(value, (bool, int, float, str))):
+            raise ValueError(f"{source}: sidecar key {key!r} does not hold a plain scalar")
     epoch = parsed.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise ValueError(f"{source}: sidecar has no integer 'epoch'")

@@ -232,7 +232,10 @@ class Storage:
         if not url:
             raise InvalidArgumentError("run_dir must be a non-empty path or URL")
         try:
-            self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+            options = dict(storage_options or {})
+            if not all(isinstance(key, str) for key in options):
+                raise InvalidArgumentError(f"storage_options keys must be strings, got {sorted(map(repr, options))}")
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:
             raise InvalidArgumentError(
                 f"run_dir {url!r} needs an fsspec backend that is not installed ({exc}); "
@@ -363,7 +366,11 @@ class Storage:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, _temp_name(name))
         try:
-            with open(tmp, "wb") as f:
+            # A fresh file, never through a link someone planted at the temp name.
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as f:
                 self._call(attempt, f, write)
                 f.flush()
                 os.fsync(f.fileno())

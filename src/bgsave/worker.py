@@ -36,7 +36,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -46,7 +46,7 @@ import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerError, WorkerTimeoutError
+from bgsave.errors import BgsaveError, CheckpointError, CheckpointWriteError, WorkerError, WorkerTimeoutError
 
 __all__ = ("Job", "SaveRecord", "Worker")
 
@@ -180,6 +180,7 @@ class Worker:
             self.flush(timeout)
         except WorkerError:
             self._portal = None
+            self._send.close()
             # Don't join a thread that may never return: ask the loop to stop and leave it.
             with contextlib.suppress(Exception):
                 portal.start_task_soon(portal.stop, True)
@@ -192,6 +193,27 @@ class Worker:
         finally:
             assert self._portal_cm is not None
             self._portal_cm.__exit__(None, None, None)
+
+    def when_stopped(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the event loop's work has ended (at once if it has)."""
+        if self._run_future is None:
+            callback()
+        else:
+            self._run_future.add_done_callback(lambda _: callback())
+
+    @contextlib.contextmanager
+    def _portal_calls(self) -> Iterator[None]:
+        """Report a worker that died during a portal call as WorkerError, not as anyio's closed-stream error."""
+        try:
+            yield
+        except BgsaveError:
+            raise
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError, concurrent.futures.CancelledError):
+            if self._run_future is not None:
+                with contextlib.suppress(BaseException):
+                    self._run_future.exception(timeout=5.0)  # it is ending: let it finish
+            self._check_alive()
+            raise
 
     def _check_alive(self) -> None:
         future = self._run_future
@@ -217,22 +239,24 @@ class Worker:
             return
         portal = self._portal
         self._check_alive()
-        if job.needs_slot:
-            try:
-                portal.call(self._slots.acquire_on_behalf_of_nowait, job.slot)
-            except anyio.WouldBlock:
-                waited_from = time.perf_counter()
-                portal.call(self._slots.acquire_on_behalf_of, job.slot)
-                self._warn_backpressure(job, time.perf_counter() - waited_from)
-        try:
-            job.prepare()
-            job.queued_at = time.perf_counter()
-            job.stall_s = job.queued_at - start
-            portal.call(self._send.send_nowait, job)
-        except BaseException:
+        with self._portal_calls():
             if job.needs_slot:
-                portal.call(self._slots.release_on_behalf_of, job.slot)
-            raise
+                try:
+                    portal.call(self._slots.acquire_on_behalf_of_nowait, job.slot)
+                except anyio.WouldBlock:
+                    waited_from = time.perf_counter()
+                    portal.call(self._slots.acquire_on_behalf_of, job.slot)
+                    self._warn_backpressure(job, time.perf_counter() - waited_from)
+            try:
+                job.prepare()
+                job.queued_at = time.perf_counter()
+                job.stall_s = job.queued_at - start
+                portal.call(self._send.send_nowait, job)
+            except BaseException:
+                if job.needs_slot:
+                    with contextlib.suppress(Exception):
+                        portal.call(self._slots.release_on_behalf_of, job.slot)
+                raise
 
     def _warn_backpressure(self, job: Job, waited: float) -> None:
         if self._warned_backpressure:
@@ -258,18 +282,15 @@ class Worker:
         if self._portal is None:
             return
         self._check_alive()
-        future = self._portal.start_task_soon(self._flush)
-        try:
-            future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise WorkerTimeoutError(
-                f"{self.name}: queued checkpoint writes did not finish within {timeout}s"
-            ) from None
-        except BaseException:
-            # A worker that died mid-flush closes the stream under the marker: report the death itself.
-            self._check_alive()
-            raise
+        with self._portal_calls():
+            future = self._portal.start_task_soon(self._flush)
+            try:
+                future.result(timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise WorkerTimeoutError(
+                    f"{self.name}: queued checkpoint writes did not finish within {timeout}s"
+                ) from None
 
     async def _flush(self) -> None:
         done = anyio.Event()
