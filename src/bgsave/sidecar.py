@@ -17,6 +17,7 @@ job is queued. Sidecars are written with ``yaml.safe_dump`` and read with ``yaml
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from typing import Any
 import yaml
 
 from bgsave.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ("METRIC_KEYS", "SEED_KEYS", "build", "dumps", "loads", "metric_value", "normalize", "validate_epoch")
 
@@ -139,14 +142,20 @@ def loads(data: bytes, *, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: not a readable YAML sidecar ({exc})") from exc
     if not isinstance(parsed, dict):
         raise ValueError(f"{source}: sidecar is not a mapping")
-    # Scalars only, as written: also defuses alias bombs, whose nested lists expand when printed.
-    for key, value in parsed.items():
-        if not isinstance(key, str) or not (value is None or isinstance(value, (bool, int, float, str))):
-            raise ValueError(f"{source}: sidecar key {key!r} does not hold a plain scalar")
+    # bgsave writes plain scalars only. Anything else (a list, a nested map, an alias bomb whose
+    # nested lists expand when printed) is dropped, so that key counts as missing.
+    dropped = [key for key, value in parsed.items() if not isinstance(key, str) or not _is_scalar(value)]
+    if dropped:
+        logger.warning("%s: ignoring sidecar keys that do not hold a plain scalar: %s", source, dropped)
+        parsed = {key: value for key, value in parsed.items() if key not in dropped}
     epoch = parsed.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise ValueError(f"{source}: sidecar has no integer 'epoch'")
     return parsed
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def metric_value(sidecar: Mapping[str, Any], metric: str) -> float | None:
