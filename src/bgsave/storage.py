@@ -366,11 +366,10 @@ class Storage:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, _temp_name(name))
         try:
-            # A fresh file, never through a link someone planted at the temp name.
+            # A fresh file ("x": O_CREAT | O_EXCL, which also refuses a symlink planted at the temp name).
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 self._call(attempt, f, write)
                 f.flush()
                 os.fsync(f.fileno())
