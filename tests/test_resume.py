@@ -59,3 +59,32 @@ def test_with_block_exception_is_not_replaced_by_a_checkpoint_failure(
     notes = getattr(info.value, "__notes__", None)
     if notes is not None:  # Python >= 3.11
         assert any("epoch 1" in n for n in notes)
+
+
+class _Uncopyable:
+    """Refuses both pickling and deep copying, as some handles do."""
+
+    def __reduce__(self) -> object:
+        raise RuntimeError("no pickling")
+
+    def __deepcopy__(self, memo: object) -> object:
+        raise RuntimeError("no copying")
+
+
+def test_an_agent_that_cannot_be_copied_fails_at_the_call_typed_and_at_once(local_run_dir: str) -> None:
+    """A snapshot failure raises CheckpointWriteError at the call (no waiting), queues nothing, writes nothing."""
+    import os
+    import time
+
+    from bgsave import CheckpointWriteError
+
+    with CheckpointManager(local_run_dir, "r") as mgr:
+        mgr.save_agent(torch.nn.Linear(2, 2), 1)
+        started = time.monotonic()
+        with pytest.raises(CheckpointWriteError, match="epoch 2") as info:
+            mgr.save_agent({"handle": _Uncopyable()}, 2)
+        assert time.monotonic() - started < 2.0
+        assert isinstance(info.value.__cause__, RuntimeError)
+        mgr.wait()
+        assert [i.epoch for i in mgr.checkpoints()] == [1]
+    assert sorted(os.listdir(os.path.join(local_run_dir, "checkpoints"))) == ["model_0001.pt", "model_0001.yaml"]

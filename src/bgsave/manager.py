@@ -351,14 +351,17 @@ class CheckpointManager:
             if holder:
                 self._pool.release(holder.pop())
 
-        return Job(
-            kind=kind,
-            epoch=epoch,
-            path=shown,
-            prepare=lambda: holder.append(self._pool.take(kind, value())),
-            execute=execute,
-            cleanup=cleanup,
-        )
+        def prepare() -> None:
+            try:
+                holder.append(self._pool.take(kind, value()))
+            except Exception as exc:  # neither picklable nor deep-copyable: nothing was queued
+                raise CheckpointWriteError(
+                    f"could not copy the {kind} of epoch {epoch} for {shown}: {type(exc).__name__}: {exc}",
+                    epoch=epoch,
+                    path=shown,
+                ) from exc
+
+        return Job(kind=kind, epoch=epoch, path=shown, prepare=prepare, execute=execute, cleanup=cleanup)
 
     def _warn_if_low_space(self, kind: str, epoch: int, nbytes: int) -> None:
         # Pre-flight on local disk: a full disk still fails the write cleanly, but the warning comes first.

@@ -46,7 +46,7 @@ import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from bgsave.errors import BgsaveError, CheckpointError, CheckpointWriteError, WorkerError, WorkerTimeoutError
+from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerError, WorkerTimeoutError
 
 __all__ = ("Job", "SaveRecord", "Worker")
 
@@ -206,13 +206,14 @@ class Worker:
         """Report a worker that died during a portal call as WorkerError, not as anyio's closed-stream error."""
         try:
             yield
-        except BgsaveError:
-            raise
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError, concurrent.futures.CancelledError):
-            if self._run_future is not None:
+        except Exception as exc:
+            # Only the loop's own errors (closed streams, a stopped portal) mean it may be dying;
+            # what the job's prepare() raises (a snapshot error) propagates at once.
+            from_loop = isinstance(exc, concurrent.futures.CancelledError) or type(exc).__module__.startswith("anyio")
+            if from_loop and self._run_future is not None:
                 with contextlib.suppress(BaseException):
                     self._run_future.exception(timeout=5.0)  # it is ending: let it finish
-            self._check_alive()
+                self._check_alive()
             raise
 
     def _check_alive(self) -> None:
