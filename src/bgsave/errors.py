@@ -33,7 +33,15 @@ __all__ = (
     "WandbUploadError",
     "WorkerError",
     "WorkerTimeoutError",
+    "check_int",
 )
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise InvalidArgumentError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 class BgsaveError(Exception):

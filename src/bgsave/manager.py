@@ -37,6 +37,7 @@ from bgsave.errors import (
     InvalidArgumentError,
     ManagerClosedError,
     WorkerTimeoutError,
+    check_int,
 )
 from bgsave.lock import STALE_AFTER, WriterLock
 from bgsave.preemption import install_sigterm_handler
@@ -161,8 +162,7 @@ class CheckpointManager:
         self._run_name = _validate_run_name(run_name)
         if not isinstance(background, bool):
             raise InvalidArgumentError(f"background must be True or False, got {background!r}")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 0:
-            raise InvalidArgumentError(f"max_pending must be an int >= 0, got {max_pending!r}")
+        check_int("max_pending", max_pending, 0)
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise InvalidArgumentError(
                 f"storage_options must be a mapping or None, got {type(storage_options).__name__}"
@@ -396,8 +396,7 @@ class CheckpointManager:
             The ``.pt`` path when a save was made, else None.
         """
         self._check_open()
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise InvalidArgumentError(f"interval must be an int >= 1, got {interval!r}")
+        check_int("interval", interval, 1)
         epoch = sidecar_schema.validate_epoch(epoch)
         if epoch % interval:
             return None

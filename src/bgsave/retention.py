@@ -31,7 +31,7 @@ import logging
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from bgsave.errors import CheckpointWriteError, InvalidArgumentError
+from bgsave.errors import CheckpointWriteError, InvalidArgumentError, check_int
 from bgsave.index import CheckpointInfo, checkpoint_name
 from bgsave.storage import Storage
 
@@ -40,11 +40,6 @@ __all__ = ("MODES", "RetentionPolicy", "prune")
 logger = logging.getLogger(__name__)
 
 MODES = ("max", "min")
-
-
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +67,8 @@ class RetentionPolicy:
 
     def __post_init__(self) -> None:
         if self.keep_last is not None:
-            _check_count("keep_last", self.keep_last, 1)
-        _check_count("keep_best", self.keep_best, 0)
+            check_int("keep_last", self.keep_last, 1)
+        check_int("keep_best", self.keep_best, 0)
         if self.keep_best and self.keep_last is None:
             raise InvalidArgumentError(
                 f"keep_best={self.keep_best} needs keep_last (an int >= 1): with keep_last=None every "

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from bgsave.errors import InvalidArgumentError
+from bgsave.errors import InvalidArgumentError, check_int
 
 __all__ = ("DEFAULT_RETRY", "RetryPolicy", "describe", "final_error", "is_transient")
 
@@ -45,8 +45,7 @@ class RetryPolicy:
     max_delay: float = 30.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
-            raise InvalidArgumentError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        check_int("attempts", self.attempts, 1)
         for name in ("initial_delay", "max_delay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

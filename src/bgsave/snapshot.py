@@ -336,9 +336,7 @@ class SnapshotPool:
         except Exception as exc:
             # Not picklable (a lambda, a lock): copy it the old way, and let the write report it.
             logger.debug("snapshot of %s: not picklable (%s: %s); using deepcopy", kind, type(exc).__name__, exc)
-            for t in _find_tensors(obj):
-                copier.view_of(t)
-            value = copy.deepcopy(obj, copier.memo)
+            value = copier.refs[copier.deepcopy(obj)]
         events = copier.copy(self._copy_async)
 
         ready = None

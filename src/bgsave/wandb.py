@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bgsave import sidecar as sidecar_schema
-from bgsave.errors import InvalidArgumentError, WandbUploadError
+from bgsave.errors import InvalidArgumentError, WandbUploadError, check_int
 
 __all__ = (
     "WandbUploadError",
@@ -94,9 +94,7 @@ def validate_run(wandb_run: object, *, argument: str = "wandb_run") -> Any:
 
 def validate_every_n(every_n: object, *, argument: str = "every_n") -> int:
     """Return ``every_n`` if it is an int >= 1, else raise InvalidArgumentError naming ``argument``."""
-    if isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1:
-        raise InvalidArgumentError(f"{argument} must be an int >= 1, got {every_n!r}")
-    return every_n
+    return check_int(argument, every_n, 1)
 
 
 def should_upload(index: int, every_n: int) -> bool:
@@ -112,8 +110,7 @@ def should_upload(index: int, every_n: int) -> bool:
         InvalidArgumentError: ``index`` is not an int >= 0 or ``every_n`` not an int >= 1.
     """
     every_n = validate_every_n(every_n)
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise InvalidArgumentError(f"index must be an int >= 0, got {index!r}")
+    check_int("index", index, 0)
     return index % every_n == 0
 
 
