@@ -140,8 +140,8 @@ def kill_worker(mgr: CheckpointManager, faults: list[Fault], epoch: int = 1) -> 
         assert not thread.is_alive(), "the worker thread survived a BaseException in its write"
 
 
-def release_when_main_thread_waits(fault: Fault) -> None:
-    """Release ``fault`` once the main thread is blocked in the worker's flush (what wait() does)."""
+def release_when_main_thread_waits(fault: Fault, inside: str = "flush") -> None:
+    """Release ``fault`` once the main thread is blocked in the worker's ``inside`` (flush: what wait() does)."""
     main = threading.main_thread().ident
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
@@ -150,7 +150,7 @@ def release_when_main_thread_waits(fault: Fault) -> None:
         while frame is not None:
             names.append(frame.f_code.co_name)
             frame = frame.f_back
-        if "flush" in names and names[0] == "wait":  # inside flush, parked in a threading wait
+        if inside in names and names[0] == "wait":  # parked in a threading wait
             break
         time.sleep(0.005)
     fault.release()
@@ -313,6 +313,24 @@ def test_a_dead_worker_is_reported_to_a_caller_already_waiting(run_dir: str, fau
         threading.Thread(target=release_when_main_thread_waits, args=(fault,)).start()
         with pytest.raises(WorkerError) as info:
             mgr.wait()
+        assert any(isinstance(e, Die) for e in causes(info.value))
+    finally:
+        fault.release()
+        with pytest.raises(WorkerError):
+            mgr.close(timeout=DEADLINE)
+
+
+def test_a_dead_worker_is_reported_to_a_caller_waiting_for_a_slot(run_dir: str, faults: list[Fault]) -> None:
+    """A save blocked on backpressure (max_pending=0) when the worker dies gets WorkerError, not an endless wait."""
+    fault = Fault("die")
+    faults.append(fault)
+    mgr = CheckpointManager(run_dir, "dies-while-full", max_pending=0)
+    try:
+        mgr.save_agent(agent_with(fault), 1)
+        fault.wait_entered()
+        threading.Thread(target=release_when_main_thread_waits, args=(fault, "take")).start()
+        with pytest.raises(WorkerError) as info:
+            mgr.save_agent(agent_with(), 2)
         assert any(isinstance(e, Die) for e in causes(info.value))
     finally:
         fault.release()

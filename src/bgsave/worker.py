@@ -2,20 +2,25 @@
 
 The flow of one save::
 
-    caller thread                         event loop thread (anyio, via a blocking portal)
+    caller thread                         event loop thread (anyio, in a blocking portal)
     -------------                         ------------------------------------------------
     submit(job):
-      acquire a slot  ──────────────────▶ CapacityLimiter(max_pending + 1)   # blocks when full
+      take a slot (_Slots, max_pending + 1)   # blocks when full
       job.prepare()   (snapshot to CPU)
-      send(job)       ──────────────────▶ memory object stream ──▶ _run():
+      hand job over   ──────────────────▶ memory object stream ──▶ _run():
       return                                                          to_thread.run_sync(job.execute)
                                                                       # blocking file I/O off the loop
-                                                                      release the slot
+                                                                      give the slot back
 
 The slot is taken *before* the snapshot, so at most ``max_pending`` snapshots wait behind the one
 being written and memory stays bounded by ``max_pending + 1`` snapshots. The stream itself never
-blocks: the limiter is the bound. The first time a caller has to wait for a slot, one WARNING advises
+blocks: the slots are the bound. The first time a caller has to wait for a slot, one WARNING advises
 saving less often.
+
+Nothing in ``submit`` waits for the event loop: the slots are a condition variable on the caller's
+side, and the job is handed over with the loop's ``call_soon_threadsafe`` (FIFO, so jobs and flush
+markers keep their order). Each round trip through the portal costs a thread wake-up, a few
+milliseconds on busy cores, which is most of what a small model's save would otherwise stall for.
 
 The event loop runs in anyio's portal thread; the blocking I/O runs in anyio worker threads, so the
 loop stays free to overlap other stages (a remote upload of one checkpoint while the next is
@@ -30,16 +35,18 @@ joins non-daemon threads; a plain ``atexit`` hook would run after, too late for 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import contextlib
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 import anyio.to_thread
@@ -105,7 +112,6 @@ class Job:
     after: Callable[[], None] | None = None
     # Jobs that hold no snapshot (sidecar edits) do not take a slot, so they never wait behind a big write.
     needs_slot: bool = True
-    slot: object = field(default_factory=object)
     # Filled in as the job moves through the lanes.
     stall_s: float = 0.0
     queued_at: float = 0.0
@@ -113,6 +119,47 @@ class Job:
     write_s: float = 0.0
     written: int = 0
     error: CheckpointError | None = None
+
+
+# What the stream carries: jobs, and flush markers (a future set once everything before it is done).
+_Item = Job | Future[None]
+
+
+async def _running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+class _Slots:
+    """A counting semaphore taken on the caller's thread and given back from the event loop.
+
+    Unlike ``threading.Semaphore`` it can be *closed*: a caller waiting for a slot of a worker that
+    died wakes up instead of waiting forever.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def take(self, *, block: bool) -> bool:
+        """Take a slot; False when none is free (``block=False``) or the worker has stopped."""
+        with self._cond:
+            while self._free == 0 and block and not self._closed:
+                self._cond.wait()
+            if self._free == 0 or self._closed:
+                return False
+            self._free -= 1
+            return True
+
+    def give(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 class Worker:
@@ -151,19 +198,18 @@ class Worker:
     def _start(self) -> None:
         self._portal_cm = start_blocking_portal(name=f"bgsave-{self.name}")
         portal = self._portal = self._portal_cm.__enter__()
-        # Both must be created on the loop: anyio primitives bind to the running backend.
-        self._slots: anyio.CapacityLimiter = portal.call(self._make_limiter)
+        self._slots = _Slots(self.max_pending + 1)
+        # Created on the loop: anyio primitives bind to the running backend (asyncio, the portal's default).
         send, receive = portal.call(self._make_stream)
-        self._send: MemoryObjectSendStream[Job | anyio.Event] = send
+        self._send: MemoryObjectSendStream[_Item] = send
+        self._loop: asyncio.AbstractEventLoop = portal.call(_running_loop)
         self._run_future = portal.start_task_soon(self._run, receive)
-
-    async def _make_limiter(self) -> anyio.CapacityLimiter:
-        return anyio.CapacityLimiter(self.max_pending + 1)
+        self._run_future.add_done_callback(lambda _: self._slots.close())
 
     async def _make_stream(
         self,
-    ) -> tuple[MemoryObjectSendStream[Job | anyio.Event], MemoryObjectReceiveStream[Job | anyio.Event]]:
-        return anyio.create_memory_object_stream[Job | anyio.Event](math.inf)
+    ) -> tuple[MemoryObjectSendStream[_Item], MemoryObjectReceiveStream[_Item]]:
+        return anyio.create_memory_object_stream[_Item](math.inf)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued job, then stop the event loop. Idempotent.
@@ -201,26 +247,16 @@ class Worker:
         else:
             self._run_future.add_done_callback(lambda _: callback())
 
-    @contextlib.contextmanager
-    def _portal_calls(self) -> Iterator[None]:
-        """Report a worker that died during a portal call as WorkerError, not as anyio's closed-stream error."""
-        try:
-            yield
-        except Exception as exc:
-            # Only the loop's own errors (closed streams, a stopped portal) mean it may be dying;
-            # what the job's prepare() raises (a snapshot error) propagates at once.
-            from_loop = isinstance(exc, concurrent.futures.CancelledError) or type(exc).__module__.startswith("anyio")
-            if from_loop and self._run_future is not None:
-                with contextlib.suppress(BaseException):
-                    self._run_future.exception(timeout=5.0)  # it is ending: let it finish
-                self._check_alive()
-            raise
-
     def _check_alive(self) -> None:
+        if self._run_future is not None and self._run_future.done():
+            raise self._died()
+
+    def _died(self) -> WorkerError:
         future = self._run_future
-        if future is not None and future.done():
-            cause = future.exception() if not future.cancelled() else None
-            raise WorkerError(f"{self.name}: the background checkpoint worker stopped unexpectedly") from cause
+        error = WorkerError(f"{self.name}: the background checkpoint worker stopped unexpectedly")
+        if future is not None and future.done() and not future.cancelled():
+            error.__cause__ = future.exception()
+        return error
 
     # ---- submitting -----------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -238,26 +274,42 @@ class Worker:
             self._finish([job])
             self.raise_errors()
             return
-        portal = self._portal
         self._check_alive()
-        with self._portal_calls():
+        if job.needs_slot and not self._slots.take(block=False):
+            waited_from = time.perf_counter()
+            if not self._slots.take(block=True):
+                raise self._died()
+            self._warn_backpressure(job, time.perf_counter() - waited_from)
+        try:
+            job.prepare()
+            job.queued_at = time.perf_counter()
+            job.stall_s = job.queued_at - start
+            # Not portal.call: that would wait for the loop to wake up (see the module docstring).
+            self._loop.call_soon_threadsafe(self._enqueue, job)
+        except BaseException as exc:
             if job.needs_slot:
-                try:
-                    portal.call(self._slots.acquire_on_behalf_of_nowait, job.slot)
-                except anyio.WouldBlock:
-                    waited_from = time.perf_counter()
-                    portal.call(self._slots.acquire_on_behalf_of, job.slot)
-                    self._warn_backpressure(job, time.perf_counter() - waited_from)
-            try:
-                job.prepare()
-                job.queued_at = time.perf_counter()
-                job.stall_s = job.queued_at - start
-                portal.call(self._send.send_nowait, job)
-            except BaseException:
-                if job.needs_slot:
-                    with contextlib.suppress(Exception):
-                        portal.call(self._slots.release_on_behalf_of, job.slot)
-                raise
+                self._slots.give()
+            if isinstance(exc, RuntimeError) and self._loop.is_closed():
+                raise self._died() from None
+            raise
+
+    def _enqueue(self, job: _Item) -> None:
+        """On the loop: put a handed-over job on the stream, or fail it if the stream has closed."""
+        try:
+            self._send.send_nowait(job)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            if not isinstance(job, Job):
+                return  # a flush marker: the flush sees the worker's end instead
+            error = CheckpointWriteError(
+                f"saving {job.kind} for epoch {job.epoch} to {job.path} failed: the background worker had stopped",
+                epoch=job.epoch,
+                path=job.path,
+            )
+            error.__cause__ = exc
+            self._errors.append(error)
+            job.cleanup()
+            if job.needs_slot:
+                self._slots.give()
 
     def _warn_backpressure(self, job: Job, waited: float) -> None:
         if self._warned_backpressure:
@@ -283,27 +335,29 @@ class Worker:
         if self._portal is None:
             return
         self._check_alive()
-        with self._portal_calls():
-            future = self._portal.start_task_soon(self._flush)
-            try:
-                future.result(timeout)
-            except concurrent.futures.TimeoutError:
-                future.cancel()
-                raise WorkerTimeoutError(
-                    f"{self.name}: queued checkpoint writes did not finish within {timeout}s"
-                ) from None
-
-    async def _flush(self) -> None:
-        done = anyio.Event()
-        await self._send.send(done)
-        await done.wait()
+        assert self._run_future is not None
+        marker: Future[None] = Future()
+        try:
+            # Like submit, a hand-off that never waits for the loop: a portal call made while a dying
+            # worker takes the loop down could wait forever for a callback the loop never runs.
+            self._loop.call_soon_threadsafe(self._enqueue, marker)
+        except RuntimeError:  # the loop has closed
+            raise self._died() from None
+        done, _ = concurrent.futures.wait(
+            [marker, self._run_future], timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        if marker in done:
+            return
+        if done:
+            raise self._died()
+        raise WorkerTimeoutError(f"{self.name}: queued checkpoint writes did not finish within {timeout}s")
 
     # ---- the event loop side -------------------------------------------------------------
-    async def _run(self, receive: MemoryObjectReceiveStream[Job | anyio.Event]) -> None:
+    async def _run(self, receive: MemoryObjectReceiveStream[_Item]) -> None:
         # Two lanes: writes, strictly in order; then each committed job's after-step (uploads,
         # retention) in a second lane, so a slow upload of epoch N overlaps the write of N+1.
         # Flush markers pass through both lanes, so a flush also waits for the after-steps.
-        after_send, after_receive = anyio.create_memory_object_stream[Job | anyio.Event](math.inf)
+        after_send, after_receive = anyio.create_memory_object_stream[_Item](math.inf)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._run_after, after_receive)
             stop_periodic = anyio.Event()
@@ -316,7 +370,7 @@ class Worker:
                             await anyio.to_thread.run_sync(self._execute, [item])
                         finally:
                             if item.needs_slot:
-                                self._slots.release_on_behalf_of(item.slot)
+                                self._slots.give()
                     await after_send.send(item)
                     # A finished job's closures hold its manager: don't keep it alive while idle.
                     del item
@@ -334,11 +388,11 @@ class Worker:
             except Exception:
                 logger.warning("%s: periodic task failed", self.name, exc_info=True)
 
-    async def _run_after(self, receive: MemoryObjectReceiveStream[Job | anyio.Event]) -> None:
+    async def _run_after(self, receive: MemoryObjectReceiveStream[_Item]) -> None:
         async with receive:
             async for item in receive:
-                if isinstance(item, anyio.Event):
-                    item.set()
+                if isinstance(item, Future):
+                    item.set_result(None)
                 else:
                     await anyio.to_thread.run_sync(self._finish, [item])
                 del item
