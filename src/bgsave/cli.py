@@ -1,4 +1,4 @@
-"""The ``bgsave`` command: list, search, show and prune the checkpoints of a run directory.
+"""The ``bgsave`` command: list, search, show and prune the checkpoints of a run directory; bench a target.
 
 Works the same on local paths and bucket URLs (``s3://bucket/runs/exp1``), reading sidecars and
 file listings only: nothing is ever unpickled here, so pointing it at an untrusted run directory
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from bgsave import index
+from bgsave import bench, index
 from bgsave import sidecar as sidecar_schema
 from bgsave.errors import InvalidArgumentError
 from bgsave.manager import TRAINER_STATE
@@ -39,6 +39,7 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_STORAGE = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C in bench, after cleaning up
 
 _PT = re.compile(r"^model_(\d{4,})\.pt$")
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created", "timeCreated")
@@ -53,6 +54,7 @@ examples:
   bgsave show runs/exp1/checkpoints/model_0042.pt
   bgsave prune runs/exp1 --keep-last 3 --keep-best 2 --dry-run
   bgsave ls s3://bucket/run --storage-option endpoint_url=http://127.0.0.1:9000
+  bgsave bench /mnt/nfs/runs --sizes 10,100 save latency there (sync vs bgsave), in a scratch run
 
 RUN_DIR is the directory given to CheckpointManager (its checkpoints/ folder is used) or the
 checkpoints folder itself. Nothing is unpickled: listing an untrusted run directory runs no code.
@@ -206,7 +208,27 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-best", metavar="K", type=_count(0), default=0, help="also keep the K best (default 0)")
     pr.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     pr.set_defaults(run=_cmd_prune)
+
+    bn = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="measure save latency on a target (sync vs bgsave), to choose where runs live",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bn.add_argument("run_dir", metavar="RUN_DIR_URL", help="an existing local directory or a URL (s3://bucket/runs)")
+    bn.add_argument("--sizes", metavar="MB,...", type=_sizes, default=(10, 100), help="model sizes (default 10,100)")
+    bn.add_argument("--repeats", metavar="N", type=_count(1), default=3, help="timed rounds per size (default 3)")
+    bn.add_argument("--max-pending", metavar="N", type=_count(0), default=1, help="CheckpointManager's (default 1)")
+    bn.set_defaults(run=_cmd_bench)
     return parser
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return bench.parse_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 # ---- reading a run directory --------------------------------------------------------------------
@@ -449,6 +471,27 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"{verb} {len(deleted)} checkpoint(s); kept epochs: {', '.join(kept) or 'none'}")
     if uncommitted:
         print(f"left {len(uncommitted)} uncommitted .pt file(s) alone (a save in progress or a crash's leftover)")
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        with bench.progress(bench.steps(args.sizes, args.repeats, args.max_pending)) as step:
+            report = bench.run(
+                args.run_dir,
+                sizes=args.sizes,
+                repeats=args.repeats,
+                max_pending=args.max_pending,
+                storage_options=dict(args.storage_option),
+                on_step=step,
+            )
+    except KeyboardInterrupt:
+        raise _CommandError(EXIT_INTERRUPTED, "interrupted") from None
+    if args.json:
+        _print_json(report.to_json())
+        return EXIT_OK
+    headers, rows, notes = bench.table(report)
+    _print_table(f"bgsave bench: {report.target}", headers, rows, notes, right=(0, 2, 3, 4, 5, 6))
     return EXIT_OK
 
 
