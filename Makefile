@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks examples scripts
 	$(VENV)/bin/mypy
 
+# The benchmark suite against torch.save, DCP and Lightning; the peers come from the `bench` extra only.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_save.py
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) benchmarks/bench_suite.py
 
 clean:
 	rm -rf $(VENV) runs benchmarks/out

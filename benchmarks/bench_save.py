@@ -42,243 +42,51 @@ Usage::
     python benchmarks/bench_save.py --quick              # smoke run: 10 and 100 MB, 2 repeats, no settling
 
 Results are printed as a table and written to ``benchmarks/results/save_<date>.json`` (``--quick``
-runs to ``save_<date>_quick.json``) with a description of the machine.
+runs to ``save_<date>_quick.json``) with a description of the machine. The model, the measuring
+(``PeakRSS``, ``run_rounds``) and the machine's description live in ``common.py``, shared with
+``bench_suite.py``, which adds DCP and Lightning, throughput and lost training time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import datetime as dt
-import gc
-import glob
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
+from common import (
+    MB,
+    RESULTS_DIR,
+    BenchModel,
+    Method,
+    PeakRSS,
+    Series,
+    add_run_arguments,
+    check_run_arguments,
+    cpu_seconds,
+    disk_writer,
+    fsync_path,
+    load,
+    make_target,
+    model_bytes,
+    remove,
+    run_rounds,
+    timed,
+    torch_save_fsync,
+)
 from torch import nn
 
 from bgsave import CheckpointManager
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-# benchmarks/out/ is git-ignored and lies on the repository's disk (not /tmp, which may be tmpfs).
-DEFAULT_PARENT = REPO / "benchmarks" / "out"
-MB = 2**20
 ISSUE2_TARGET = 0.1  # stall at most 1/10 of the synchronous save (at 1 GB)
-MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
-
-
-# ---- the model ------------------------------------------------------------------------------------
-class BenchModel(nn.Module):
-    """``layers`` square ``Linear`` layers holding about ``size_mb`` MiB of float32 parameters."""
-
-    def __init__(self, size_mb: float, layers: int = 4) -> None:
-        super().__init__()
-        width = max(1, int((size_mb * MB / 4 / layers) ** 0.5))
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
-        self.config = {"size_mb": size_mb, "layers": layers, "width": width}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
-def model_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-# ---- measuring ------------------------------------------------------------------------------------
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def trim_heap() -> None:
-    """Return free heap pages to the OS (glibc ``malloc_trim``), where available."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
-
-
-def current_rss() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-class PeakRSS:
-    """Peak resident memory during a ``with`` block.
-
-    Uses the kernel's high-water mark (reset by writing 5 to ``/proc/self/clear_refs``, read from
-    ``VmHWM``): exact and free. Where that is unavailable, a thread samples RSS every 2 ms.
-    """
-
-    def __init__(self) -> None:
-        self._use_hwm = self._reset_hwm()
-        self.peak = 0
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        return PeakRSS._read_hwm() is not None
-
-    @staticmethod
-    def _read_hwm() -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[None]:
-        self.peak = current_rss()
-        if self._use_hwm:
-            self._reset_hwm()
-            yield
-            self.peak = max(self.peak, self._read_hwm() or 0, current_rss())
-            return
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.wait(0.002):
-                self.peak = max(self.peak, current_rss())
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            sampler.join()
-            self.peak = max(self.peak, current_rss())
-
-
-@dataclass
-class Series:
-    """Timings of one method at one size: a warm-up and the timed repeats."""
-
-    first: float | None = None
-    samples: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    extra_rss: list[int] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"first_s": self.first, "samples_s": self.samples}
-        if self.samples:
-            out.update(median_s=statistics.median(self.samples), min_s=min(self.samples), max_s=max(self.samples))
-        if self.cpu:
-            out["cpu_s_median"] = statistics.median(self.cpu)
-        if self.extra_rss:
-            out["peak_extra_rss_bytes"] = max(self.extra_rss)
-        return out
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else float("nan")
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove(pattern: str) -> None:
-    for path in glob.glob(pattern):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
-@dataclass
-class Method:
-    """One way of saving (or copying) the model, timed once per round.
-
-    ``call`` returns its timings by name (most return one; bgsave returns stall and time to durable);
-    ``after`` runs untimed (deleting the file written).
-    """
-
-    name: str
-    call: Callable[[], dict[str, float]]
-    after: Callable[[], None] = lambda: None
-    frees: bool = False  # after() frees a model-sized amount of memory (page cache or heap)
-    retained: int = 0  # resident memory the method keeps between calls (measured over its warm-up)
-
-
-def timed(name: str, fn: Callable[[], object]) -> Callable[[], dict[str, float]]:
-    def call() -> dict[str, float]:
-        start = time.perf_counter()
-        fn()
-        return {name: time.perf_counter() - start}
-
-    return call
-
-
-def run_rounds(methods: list[Method], repeats: int, rss: PeakRSS, settle: float) -> dict[str, Series]:
-    """Run every method once per round, round-robin: round 0 is the warm-up, then ``repeats`` rounds.
-
-    Interleaving puts every method under the same background load of a shared machine, so the
-    ratios between them hold even when the absolute figures drift from minute to minute. After a
-    method frees memory (deletes its file, drops its clones) the run waits ``settle`` seconds: on a
-    VM with free page reporting the guest hands freed memory back to the host after about 2 s, and
-    memory taken back costs a host fault per page when touched again (writing 1 GiB into the page
-    cache took 0.3 s right after a delete and 1.3 s three seconds later). Settling makes every write
-    start from the same state, the one a training run saving every few seconds or less often sees.
-    """
-    series: dict[str, Series] = {}
-    for round_ in range(repeats + 1):
-        for method in methods:
-            gc.collect()
-            trim_heap()
-            before = current_rss()
-            cpu0 = cpu_seconds()
-            with rss.measure():
-                timings = method.call()
-            cpu = cpu_seconds() - cpu0
-            method.after()
-            if method.frees and settle > 0:
-                time.sleep(settle)
-            if round_ == 0:
-                gc.collect()
-                trim_heap()
-                method.retained = max(0, current_rss() - before)
-                extra = max(0, rss.peak - before)
-            else:
-                # Memory the method kept from earlier calls (bgsave's snapshot buffers) counts as its own.
-                extra = max(0, rss.peak - before) + method.retained
-            for name, seconds in timings.items():
-                if name.startswith("cpu:"):
-                    continue
-                entry = series.setdefault(name, Series())
-                entry.extra_rss.append(extra)
-                if round_ == 0:
-                    entry.first = seconds
-                else:
-                    entry.samples.append(seconds)
-                    entry.cpu.append(timings.get(f"cpu:{name}", cpu))
-    return series
 
 
 class NullSink:
@@ -327,10 +135,6 @@ def bench_size(
     # (a) synchronous torch.save to the path + fsync.
     sync_path = str(work / "sync.pt")
 
-    def sync_save() -> None:
-        torch.save(model, sync_path)
-        fsync_path(sync_path)
-
     def sync_save_file() -> None:
         # The same through a Python file object, as bgsave writes: on some VMs the two differ.
         with open(sync_path, "wb") as f:
@@ -370,7 +174,12 @@ def bench_size(
         Method(
             "clone", timed("clone", lambda: clones.extend(p.clone() for p in params)), after=clones.clear, frees=True
         ),
-        Method("sync_torch_save", timed("sync_torch_save", sync_save), after=lambda: remove(sync_path), frees=True),
+        Method(
+            "sync_torch_save",
+            timed("sync_torch_save", lambda: torch_save_fsync(model, sync_path)),
+            after=lambda: remove(sync_path),
+            frees=True,
+        ),
         Method(
             "sync_torch_save_file",
             timed("sync_torch_save_file", sync_save_file),
@@ -420,18 +229,6 @@ def extra_methods(model: nn.Module, nbytes: int, work: Path) -> list[Method]:
     """Where a writer's time goes (issue 4): the disk alone, torch.save without fsync, serialization alone."""
     raw_path = str(work / "raw.bin")
     path = str(work / "nofsync.pt")
-    # 1 MiB writes of one buffer (no memory-sized copy), the size bgsave's storage writes in: in a
-    # probe on this kind of VM, 1 GiB + fsync in 64 MiB writes took 2.35 s (1.8 s of system CPU)
-    # against 0.81 s (0.3 s) in 1 MiB writes.
-    chunk = MB
-    data = bytearray(os.urandom(chunk))
-
-    def disk_write() -> None:
-        with open(raw_path, "wb", buffering=0) as f:
-            left = nbytes
-            while left > 0:
-                left -= f.write(memoryview(data)[: min(chunk, left)])
-            os.fsync(f.fileno())
 
     def drop() -> None:
         fsync_path(path)  # flushed untimed, so the next method starts with a clean page cache
@@ -446,7 +243,12 @@ def extra_methods(model: nn.Module, nbytes: int, work: Path) -> list[Method]:
             torch.serialization.set_crc32_options(saved)
 
     return [
-        Method("disk_write_fsync", timed("disk_write_fsync", disk_write), after=lambda: remove(raw_path), frees=True),
+        Method(
+            "disk_write_fsync",
+            timed("disk_write_fsync", disk_writer(raw_path, nbytes)),
+            after=lambda: remove(raw_path),
+            frees=True,
+        ),
         Method(
             "torch_save_no_fsync", timed("torch_save_no_fsync", lambda: torch.save(model, path)), after=drop, frees=True
         ),
@@ -501,74 +303,6 @@ def summarize(size_mb: int, nbytes: int, results: dict[str, Series], bg_detail: 
             "stall_le_5ms": stall <= 0.005 if size_mb <= 10 else None,
             "extra_rss_le_2x_model_max_pending_1": max(results["bgsave_stall"].extra_rss) <= 2 * nbytes,
         },
-    }
-
-
-# ---- the machine ----------------------------------------------------------------------------------
-def mount_of(path: Path) -> dict[str, str]:
-    """The /proc/mounts entry (device, type, options) of the filesystem holding ``path``."""
-    best: dict[str, str] = {}
-    resolved = str(path.resolve())
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                device, mountpoint, fstype, options = line.split()[:4]
-                if (resolved == mountpoint or resolved.startswith(mountpoint.rstrip("/") + "/")) and len(
-                    mountpoint
-                ) >= len(best.get("mountpoint", "")):
-                    best = {"device": device, "mountpoint": mountpoint, "fstype": fstype, "options": options}
-    except OSError:
-        pass
-    return best
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def machine(target: Path) -> dict[str, Any]:
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "memory_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "target_dir": str(target),
-        "target_filesystem": mount_of(target),
-        "tmp_filesystem": mount_of(Path(tempfile.gettempdir())).get("fstype"),
-        "transparent_hugepages": read_text("/sys/kernel/mm/transparent_hugepage/enabled"),
-        "dirty_ratio": read_text("/proc/sys/vm/dirty_ratio"),
-        "dirty_background_ratio": read_text("/proc/sys/vm/dirty_background_ratio"),
-        **load(),
-    }
-
-
-def load() -> dict[str, Any]:
-    """How busy the (shared) machine is: load average and CPU / IO pressure, where the kernel reports them."""
-    return {
-        "load_average": os.getloadavg(),
-        "cpu_pressure": read_text("/proc/pressure/cpu"),
-        "io_pressure": read_text("/proc/pressure/io"),
-        # Free page reporting (VMs): freed guest memory handed back to the host, in KiB so far.
-        "page_reporting_order": read_text("/sys/module/page_reporting/parameters/page_reporting_order"),
-        "page_reported_kib": read_text("/sys/module/page_reporting/parameters/reported_kib"),
     }
 
 
@@ -660,61 +394,20 @@ def print_table(sizes: list[dict[str, Any]]) -> None:
         print()
 
 
-def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes must be comma-separated integers (MB), got {text!r}") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"--sizes must be positive integers (MB), got {text!r}")
-    return sizes
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--sizes", type=parse_sizes, default=[10, 100, 1000], help="model sizes in MB (10,100,1000)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method, after one warm-up (5)")
-    parser.add_argument(
-        "--dir", type=Path, default=None, help="where checkpoints are written (default: benchmarks/out)"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: sizes 10,100 and 2 repeats")
+    add_run_arguments(parser, quick="smoke run: sizes 10,100 and 2 repeats, no settling")
     parser.add_argument("--layers", type=int, default=4, help="Linear layers in the model (4; more = more modules)")
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=None,
-        help="seconds to wait after a method frees memory (3; 0 with --quick): see run_rounds",
-    )
     parser.add_argument("--no-extras", action="store_true", help="skip the disk / serialization breakdown")
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default: benchmarks/results/save_<date>.json)"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes, args.repeats = [s for s in args.sizes if s <= 100] or [10], min(args.repeats, 2)
-    if args.settle is None:
-        args.settle = 0.0 if args.quick else 3.0
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    check_run_arguments(parser, args)
     if args.layers < 1:
         parser.error("--layers must be >= 1")
 
-    parent = args.dir if args.dir is not None else DEFAULT_PARENT
-    parent.mkdir(parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix="bench-save-", dir=parent))
-    fs = mount_of(target)
-    if fs.get("fstype") in MEMORY_FILESYSTEMS:
-        print(f"warning: {target} is on {fs['fstype']}: fsync costs nothing there, figures mean little")
-    need = 2.5 * max(args.sizes) * MB
-    free = shutil.disk_usage(target).free
-    if free < need:
-        parser.error(f"{target} has {free / 1e9:.1f} GB free; the largest size needs about {need / 1e9:.1f} GB")
-
-    info = machine(target)
-    print(
-        f"{info['cpu_model']}, {info['logical_cpus']} CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"target {target} on {fs.get('fstype', '?')} ({fs.get('device', '?')})"
-    )
+    target, info = make_target(args.dir, "bench-save-", max(args.sizes))
     rss = PeakRSS()
     started = dt.datetime.now(dt.timezone.utc)
     per_size = []

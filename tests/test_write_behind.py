@@ -1,0 +1,97 @@
+"""Local writes start disk writeback as they go (sync_file_range), and never depend on it for correctness."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO
+
+import pytest
+import torch
+
+import bgsave.storage as storage_module
+from bgsave.storage import Storage
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux-only"),
+]
+
+MiB = 2**20
+
+
+def tensors(total_mib: int) -> dict[str, torch.Tensor]:
+    """Random float32 tensors of ``total_mib`` MiB in all, in 8 MiB pieces (torch.save writes each in one call)."""
+    g = torch.Generator().manual_seed(total_mib)
+    return {f"t{i}": torch.rand(2 * MiB, generator=g) for i in range(total_mib // 8)}
+
+
+def writer(obj: object) -> Callable[[IO[bytes]], None]:
+    def write(f: IO[bytes]) -> None:
+        torch.save(obj, f)
+
+    return write
+
+
+@pytest.fixture
+def writeback_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int]]]:
+    """Records every sync_file_range call, passing it on to the real one."""
+    real = storage_module._start_writeback
+    assert real is not None, "libc's sync_file_range was not found on Linux"
+    calls: list[tuple[int, int, int]] = []
+
+    def recording(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append((offset, nbytes, flags))
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(storage_module, "_start_writeback", recording)
+    yield calls
+
+
+def test_a_large_write_hands_each_chunk_to_the_disk_in_order(
+    tmp_path: os.PathLike[str], writeback_calls: list[tuple[int, int, int]]
+) -> None:
+    """A 96 MiB checkpoint starts writeback of consecutive 32 MiB-or-more ranges, and reads back equal."""
+    st = Storage(os.fspath(tmp_path))
+    data = tensors(96)
+    path = st.join("big.pt")
+    size = st.write_atomic(path, writer(data))
+    assert len(writeback_calls) >= 2
+    offset = 0
+    for start, nbytes, flags in writeback_calls:
+        assert (start, flags) == (offset, 2)  # contiguous ranges, SYNC_FILE_RANGE_WRITE only
+        assert nbytes >= storage_module._WRITE_BEHIND
+        offset += nbytes
+    assert offset <= size
+    loaded = torch.load(path, weights_only=True)
+    assert loaded.keys() == data.keys() and all(torch.equal(loaded[k], data[k]) for k in data)
+
+
+def test_a_small_write_starts_no_writeback(
+    tmp_path: os.PathLike[str], writeback_calls: list[tuple[int, int, int]]
+) -> None:
+    """Below one chunk (a sidecar, a small model) the final fsync does everything."""
+    st = Storage(os.fspath(tmp_path))
+    st.write_atomic(st.join("small.pt"), writer(tensors(16)))
+    assert writeback_calls == []
+
+
+def test_a_refused_writeback_is_not_retried_and_the_file_is_still_whole(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where sync_file_range fails (some filesystems refuse it), it is tried once per file and the write goes on."""
+    calls: list[int] = []
+
+    def refusing(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append(offset)
+        return -1
+
+    monkeypatch.setattr(storage_module, "_start_writeback", refusing)
+    st = Storage(os.fspath(tmp_path))
+    data = tensors(96)
+    path = st.join("big.pt")
+    st.write_atomic(path, writer(data))
+    assert calls == [0]
+    loaded = torch.load(path, weights_only=True)
+    assert all(torch.equal(loaded[k], data[k]) for k in data)
