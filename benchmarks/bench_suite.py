@@ -59,7 +59,7 @@ How it is measured, per size:
    once per round, round-robin, one warm-up round then ``--repeats`` timed rounds, medians; each
    call is timed from the save to durable, its file deleted afterwards (untimed), then ``--settle``
    seconds of rest after methods that free memory. Extra RSS is the peak resident memory during the
-   call (the kernel's high-water mark, plus the sampled private memory of child processes) above the
+   call (the kernel's high-water mark, plus the sampled private memory of its own child processes) above the
    RSS just before it, plus what the method keeps between calls (bgsave's reused snapshot buffers,
    DCP's checkpoint process, ``copy_limit``'s buffers). Page cache is not RSS.
 2. Lost training time, for each ``--threads`` value T: a real training loop in this process, an MLP
@@ -151,7 +151,7 @@ def timed_save(saver: Saver, counter: Iterator[int]) -> Callable[[], dict[str, f
 def measure_saves(
     savers: list[Saver], counter: Iterator[int], repeats: int, settle: float, rss: PeakRSS
 ) -> dict[str, dict[str, Any]]:
-    methods = [Method(s.name, timed_save(s, counter), after=s.clean, frees=s.frees) for s in savers]
+    methods = [Method(s.name, timed_save(s, counter), after=s.clean, frees=s.frees, spawns=s.spawns) for s in savers]
     series = run_rounds(methods, repeats, rss, settle)
     out: dict[str, dict[str, Any]] = {}
     for saver in savers:
