@@ -60,7 +60,7 @@ def test_a_large_write_hands_each_chunk_to_the_disk_in_order(
     assert len(writeback_calls) >= 2
     offset = 0
     for start, nbytes, flags in writeback_calls:
-        assert (start, flags) == (offset, 2)  # contiguous ranges, SYNC_FILE_RANGE_WRITE only
+        assert (start, flags) == (offset, 2)  # contiguous ranges, SYNC_FILE_RANGE_WRITE (2) only
         assert nbytes >= storage_module._WRITE_BEHIND
         offset += nbytes
     assert offset <= size

@@ -284,14 +284,26 @@ class Worker:
             job.prepare()
             job.queued_at = time.perf_counter()
             job.stall_s = job.queued_at - start
-            # Not portal.call: that would wait for the loop to wake up (see the module docstring).
-            self._loop.call_soon_threadsafe(self._enqueue, job)
-        except BaseException as exc:
+            self._hand_over(job)
+        except BaseException:
             if job.needs_slot:
                 self._slots.give()
-            if isinstance(exc, RuntimeError) and self._loop.is_closed():
-                raise self._died() from None
             raise
+
+    def _hand_over(self, item: _Item) -> None:
+        """Queue ``item`` on the loop without waiting for it (see the module docstring).
+
+        Not ``portal.call``: that waits for the loop to wake up, and a portal call made while a dying
+        worker takes the loop down could wait forever for a callback the loop never runs.
+
+        Raises:
+            WorkerError: the loop has closed (the worker died).
+        """
+        try:
+            self._loop.call_soon_threadsafe(self._enqueue, item)
+        except RuntimeError:  # "Event loop is closed"
+            error = self._died()
+            raise error from error.__cause__  # the worker's own failure, not the closed loop
 
     def _enqueue(self, job: _Item) -> None:
         """On the loop: put a handed-over job on the stream, or fail it if the stream has closed."""
@@ -337,12 +349,7 @@ class Worker:
         self._check_alive()
         assert self._run_future is not None
         marker: Future[None] = Future()
-        try:
-            # Like submit, a hand-off that never waits for the loop: a portal call made while a dying
-            # worker takes the loop down could wait forever for a callback the loop never runs.
-            self._loop.call_soon_threadsafe(self._enqueue, marker)
-        except RuntimeError:  # the loop has closed
-            raise self._died() from None
+        self._hand_over(marker)
         done, _ = concurrent.futures.wait(
             [marker, self._run_future], timeout, return_when=concurrent.futures.FIRST_COMPLETED
         )
