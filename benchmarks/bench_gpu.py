@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, BenchModel, machine, model_bytes, parse_sizes, remove, torch_save_fsync
+from common import RESULTS_DIR, BenchModel, machine, model_bytes, parse_sizes, remove, torch_save_fsync, write_report
 
 from bgsave import CheckpointManager
 
@@ -134,16 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['size_mb']:>5} MB  " + "  ".join(f"{r['median_s'][c]:>18.4f}" for c in columns))
     out = args.out or RESULTS_DIR / f"gpu_{started:%Y-%m-%d}.json"
-    report = {
-        "benchmark": "gpu",
-        "started_utc": started.isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+    body = {
         "machine": info,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, "gpu", started, body)
     print(f"wrote {out}")
     return 0
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as dt
-import json
 import os
 import shutil
 import statistics
@@ -81,6 +80,7 @@ from common import (
     run_rounds,
     timed,
     torch_save_fsync,
+    write_report,
 )
 from torch import nn
 
@@ -422,11 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         suffix = (f"_layers{args.layers}" if args.layers != 4 else "") + ("_quick" if args.quick else "")
         out = RESULTS_DIR / f"save_{started:%Y-%m-%d}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "save",
-        "started_utc": started.isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+    body = {
         "settings": {
             "sizes_mb": args.sizes,
             "repeats": args.repeats,
@@ -439,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": NOTES,
         "results": per_size,
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, "save", started, body)
     print(f"wrote {out}")
     return 0
 

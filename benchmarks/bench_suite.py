@@ -105,7 +105,6 @@ import argparse
 import datetime as dt
 import importlib.metadata
 import itertools
-import json
 import shutil
 import statistics
 import sys
@@ -126,6 +125,7 @@ from common import (
     make_target,
     model_bytes,
     run_rounds,
+    write_report,
 )
 from suite_methods import CONTROL, METHODS, Saver, default_max_pending, make_savers
 from suite_report import NOTES, print_report, write_markdown, write_plot
@@ -445,11 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - clock
 
     stem = f"suite_{started:%Y-%m-%d}" + ("_quick" if args.quick else "")
-    report = {
-        "benchmark": "suite",
-        "started_utc": started.isoformat(timespec="seconds"),
+    body = {
         "wall_s": wall,
-        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["bench_suite.main", *argv]),
         "settings": {
             "sizes_mb": args.sizes,
             "repeats": args.repeats,
@@ -468,9 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes": NOTES,
         "results": per_size,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     paths = [args.out / f"{stem}.json", args.out / f"{stem}.md", args.out / f"{stem}.png"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    command = None if argv is None else " ".join(["bench_suite.main", *argv])
+    report = write_report(paths[0], "suite", started, body, command)
     print_report(report)
     write_markdown(report, paths[1])
     plotted = write_plot(report, paths[2])

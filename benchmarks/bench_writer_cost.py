@@ -31,7 +31,6 @@ import argparse
 import ctypes
 import datetime as dt
 import itertools
-import json
 import mmap
 import os
 import statistics
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import torch
 from bench_suite import TrainLoop, measure_lost
-from common import RESULTS_DIR, make_target
+from common import RESULTS_DIR, make_target, write_report
 from suite_methods import Saver
 
 CHUNK = 2**20
@@ -150,15 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:16s} {entry['median_s']:7.3f} [{entry['min_s']:.3f}, {entry['max_s']:.3f}]  done in {durable:.2f}"
         )
     out = args.out or RESULTS_DIR / f"writer_cost_{started:%Y-%m-%d}.json"
-    report = {
-        "benchmark": "writer_cost",
-        "started_utc": started.isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+    body = {
         "settings": {"mb": args.mb, "threads": args.threads, "repeats": args.repeats},
         "machine": info,
         "results": results,
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, "writer_cost", started, body)
     print(f"wrote {out}")
     return 0
 

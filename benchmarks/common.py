@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import datetime as dt
 import gc
 import glob
+import json
 import os
 import platform
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -339,6 +342,21 @@ def machine(target: Path) -> dict[str, Any]:
         "dirty_background_ratio": read_text("/proc/sys/vm/dirty_background_ratio"),
         **load(),
     }
+
+
+def write_report(
+    out: Path, benchmark: str, started: dt.datetime, body: dict[str, Any], command: str | None = None
+) -> dict[str, Any]:
+    """Write a results file: which benchmark, when, the command line (``sys.argv`` by default), then ``body``."""
+    report = {
+        "benchmark": benchmark,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "command": command or " ".join(["python", *sys.argv]),
+        **body,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def load() -> dict[str, Any]:

@@ -10,29 +10,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import run_script
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def run(script: str, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"{script} exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc.stdout
+    return run_script(f"benchmarks/{script}", *args, timeout=280).stdout
 
 
 def test_the_suite_measures_every_method_and_checks_the_targets(tmp_path: Path) -> None:

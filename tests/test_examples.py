@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _scripts import ROOT, run_script
 from bgsave import CheckpointManager, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 # Small enough to take seconds: epochs 0, 2, 4, 6 are saved, the preemption after epoch 3 loses epoch 3,
 # and retention keeps the newest two checkpoints and the best.
@@ -22,17 +20,7 @@ ARGS = ("--epochs", "6", "--save-every", "2", "--keep-last", "2")
 
 def run_example(run_dir: Path, *args: str) -> str:
     """Run ``examples/train_rl.py`` from the repository root, as the README does; returns its stdout."""
-    proc = subprocess.run(
-        [sys.executable, "examples/train_rl.py", "--run-dir", str(run_dir), *ARGS, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"example exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc.stdout
+    return run_script("examples/train_rl.py", "--run-dir", str(run_dir), *ARGS, *args, timeout=240).stdout
 
 
 def files(run_dir: Path) -> dict[str, tuple[int, int]]:

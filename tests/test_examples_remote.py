@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
+from _scripts import run_script
 from bgsave import CheckpointManager
 from wandb_records import artifact_records, finished_records
 
-ROOT = Path(__file__).resolve().parents[1]
 # Epochs 0, 2, 4 are saved; the preemption after epoch 3 loses epoch 3, which the resumed job trains again.
 ARGS = ("--epochs", "4", "--save-every", "2", "--stop-after", "3")
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE")
@@ -24,17 +20,7 @@ LATEST = re.compile(r"^latest: (\S+)$", re.M)
 
 def run_example(script: str, *args: str, env: dict[str, str] | None = None, expect: int = 0) -> str:
     """Run ``examples/<script>`` from the repository root with a deadline; returns stdout (+ stderr on failure)."""
-    proc = subprocess.run(
-        [sys.executable, f"examples/{script}", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,  # an S3 file left open at exit hangs the process: fail instead of waiting
-        check=False,
-    )
-    if proc.returncode != expect:
-        pytest.fail(f"{script} exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    proc = run_script(f"examples/{script}", *args, timeout=180, env=env, expect=expect)
     return proc.stdout if expect == 0 else proc.stdout + proc.stderr
 
 
