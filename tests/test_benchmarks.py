@@ -59,3 +59,20 @@ def test_the_save_benchmark_runs(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     (size,) = report["results"]
     assert size["size_mb"] == 2
+
+
+def test_the_gpu_benchmark_runs_its_cpu_dry_run(tmp_path: Path) -> None:
+    """bench_gpu.py with --device cpu (CI has no GPU): every figure measured and written, the scratch dir gone."""
+    out = tmp_path / "gpu.json"
+    run(
+        "bench_gpu.py",
+        *("--device", "cpu", "--sizes", "2", "--repeats", "1", "--step-ms", "10", "--window", "3"),
+        *("--methods", "sync_torch_save,bgsave", "--dir", str(tmp_path), "--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    (size,) = report["results"]
+    for name in ("d2h_pinned_limit", "bgsave/stall", "bgsave/stream_held", "bgsave/durable", "sync_torch_save/durable"):
+        assert 0 < size["median_s"][name] < 60, name
+    assert set(size["lost_median_s"]) == {"no_save", "sync_torch_save", "bgsave"}
+    assert list(tmp_path.glob("bench-gpu-*")) == []
