@@ -8,7 +8,7 @@ training time as the suite does (``bench_suite.measure_lost``, round-robin, medi
     ``torch.save`` of a state dict into a sink that discards the bytes, CRC32 on / off: the CPU of
     serializing alone.
 ``write_buffered``
-    Writing the same number of bytes from memory in 1 MiB writes, then ``fsync``: the page cache
+    Writing the same number of bytes from memory in 128 KiB writes, then ``fsync``: the page cache
     path with the disk starting only at the fsync.
 ``write_behind``
     The same, starting writeback every 32 MiB with ``sync_file_range`` (what bgsave does locally).
@@ -44,7 +44,7 @@ from bench_suite import TrainLoop, measure_lost
 from common import RESULTS_DIR, make_target, write_report
 from suite_methods import Saver
 
-CHUNK = 2**20
+CHUNK = 128 * 2**10  # as bgsave's local writes
 WRITE_BEHIND = 32 * 2**20
 DIRECT_CHUNK = 8 * 2**20
 libc = ctypes.CDLL(None, use_errno=True)

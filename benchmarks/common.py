@@ -201,11 +201,12 @@ def torch_save_fsync(obj: Any, path: str) -> None:
 def disk_writer(path: str, nbytes: int) -> Callable[[], None]:
     """A function writing ``nbytes`` to ``path`` and fsyncing it: the disk's own fsync'd bandwidth (``dd``-like).
 
-    1 MiB writes of one buffer (no memory-sized copy), the size bgsave's storage writes in: in a
-    probe on this kind of VM, 1 GiB + fsync in 64 MiB writes took 2.35 s (1.8 s of system CPU)
-    against 0.81 s (0.3 s) in 1 MiB writes.
+    128 KiB writes of one buffer (no memory-sized copy), the size bgsave's local writes reach the
+    kernel in, and the fastest found here: 1 GiB + fsync on this project's VM (Linux 6.18, ext4)
+    took 0.78-0.81 s (0.33-0.35 s of system CPU) in 64-512 KiB writes, 1.57 s (1.03 s) in 1 MiB
+    writes and 3.0 s (2.5 s) in 64 MiB writes (medians of 5).
     """
-    chunk = MB
+    chunk = 128 * 2**10
     data = memoryview(bytearray(os.urandom(chunk)))
 
     def write() -> None:

@@ -95,3 +95,36 @@ def test_a_refused_writeback_is_not_retried_and_the_file_is_still_whole(
     assert calls == [0]
     loaded = torch.load(path, weights_only=True)
     assert all(torch.equal(loaded[k], data[k]) for k in data)
+
+
+def test_one_large_write_reaches_the_file_in_slices_and_whole(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save's one write per tensor goes to the kernel in 128 KiB slices (cheaper there), bytes unchanged.
+
+    The real file is wrapped to record the size of each write it receives. The data is a float32
+    memoryview (format "f"), as a writer may pass, of a size that is no multiple of the slice.
+    """
+    sizes: list[int] = []
+
+    class Recording:
+        def __init__(self, f: IO[bytes]) -> None:
+            self._f = f
+
+        def write(self, data: memoryview) -> int:
+            sizes.append(data.nbytes)
+            return self._f.write(data)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._f, name)
+
+    real_init = storage_module._WriteBehind.__init__
+    monkeypatch.setattr(storage_module._WriteBehind, "__init__", lambda self, f: real_init(self, Recording(f)))
+    values = torch.rand(300_001, generator=torch.Generator().manual_seed(1))
+    st = Storage(os.fspath(tmp_path))
+    path = st.join("raw.bin")
+    size = st.write_atomic(path, lambda f: f.write(values.numpy().data))
+    assert size == values.numel() * 4 == sum(sizes)
+    assert len(sizes) > 1 and max(sizes) == storage_module._WRITE_SLICE
+    with open(path, "rb") as f:
+        assert f.read() == values.numpy().tobytes()

@@ -187,6 +187,8 @@ class _Attempt:
 
 # Local writes start the disk writing every this many bytes instead of leaving it all to the final fsync.
 _WRITE_BEHIND = 32 * 2**20
+# ...and reach the kernel in write() calls of at most this many bytes (see _WriteBehind).
+_WRITE_SLICE = 128 * 2**10
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, don't wait
 
 
@@ -216,6 +218,12 @@ class _WriteBehind:
     each chunk as it is written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait)
     overlaps the two and leaves the fsync ~0.1 s. The fsync still makes the file durable; this only
     changes when the disk starts. Where the call is missing or refused, it is simply not made.
+
+    ``torch.save`` hands over each tensor in one call (hundreds of MB for a large layer); those are
+    passed on in 128 KiB slices, zero-copy. On this project's VM (Linux 6.18, ext4) writing 1 GiB +
+    fsync took 0.78-0.81 s and 0.33-0.35 s of system CPU in 64-512 KiB writes, 1.57 s (1.03 s) in
+    1 MiB writes and 3.0 s (2.5 s) in 64 MiB writes; a 1 GB bgsave save went from 1.45 s to 1.04 s to
+    durable and its system CPU from 0.81 s to 0.45 s. That CPU is taken from training.
     """
 
     def __init__(self, f: IO[bytes]) -> None:
@@ -226,6 +234,13 @@ class _WriteBehind:
         self._written = 0
 
     def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = 0
+        for start in range(0, len(view), _WRITE_SLICE):
+            n += self._write(view[start : start + _WRITE_SLICE])
+        return n
+
+    def _write(self, data: memoryview) -> int:
         n = self._f.write(data)
         self._written += n
         if self._on and self._written - self._started >= _WRITE_BEHIND:
