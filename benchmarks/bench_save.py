@@ -23,7 +23,7 @@ with the same model:
     The same with ``background=False`` (the call blocks for the whole write).
 
 and, unless ``--no-extras``, where a writer's time goes (issue 4): the disk's own fsync'd bandwidth
-for the same number of bytes (``dd``-like 1 MiB writes from memory), ``torch.save`` to the same file
+for the same number of bytes (``dd``-like 128 KiB writes from memory), ``torch.save`` to the same file
 without fsync (serialization + copy into the page cache), and ``torch.save`` into a sink that discards
 the bytes with CRC32 on and off (serialization CPU alone).
 
@@ -317,12 +317,12 @@ NOTES = [
     "again costs a host fault per page (1 GiB into the page cache: 0.3 s right after a delete, 1.3 s "
     "three seconds later). The run waits settle_s after every delete so that every write starts from "
     "that same, slower state.",
-    "Write size can matter on such a VM: torch.save hands each tensor to write() in one call, bgsave's "
-    "storage layer passes writes on in 1 MiB pieces. In an isolated probe 1 GiB + fsync took 2.35 s "
-    "(1.8 s system CPU) in 64 MiB writes against 0.81 s (0.3 s) in 1 MiB writes; inside this benchmark "
-    "the gap came and went between runs (1 GiB write + fsync from 0.8 s to 3 s, mostly system CPU "
-    "copying into the page cache). So absolute write times, and durable/sync, hold within one run only. "
-    "disk_write_fsync uses 1 MiB writes.",
+    "Write size matters on such a VM: torch.save hands each tensor to write() in one call, bgsave's "
+    "storage layer passes local writes on in 128 KiB pieces. In isolated probes 1 GiB + fsync took "
+    "2.35 s (1.8 s system CPU) in 64 MiB writes against 0.81 s (0.3 s) in 1 MiB writes (2026-11-25); "
+    "on 2026-11-26 (Linux 6.18) 0.78-0.81 s (0.33-0.35 s) in 64-512 KiB writes, 1.57 s (1.03 s) in "
+    "1 MiB writes and 3.0 s (2.5 s) in 64 MiB writes. So absolute write times, and durable/sync, hold "
+    "within one run only. disk_write_fsync uses 128 KiB writes.",
     "bgsave_durable is save_agent + wait(): .pt and sidecar written, fsynced, renamed, directory fsynced. "
     "The baseline fsyncs the .pt only.",
     "CPU s is the process's CPU time during the call; for bgsave_durable it is the CPU during wait(), "

@@ -9,7 +9,7 @@ training time* with 1 and with 2 torch threads:
     ``copy_`` of every parameter into preallocated, already-touched CPU buffers: the least a
     snapshot can cost the caller. Its buffers count as kept memory.
 ``disk_fsync``
-    Writing as many bytes as the model has, in 1 MiB writes from one buffer, then ``fsync``: the
+    Writing as many bytes as the model has, in 128 KiB writes from one buffer, then ``fsync``: the
     disk's own fsync'd bandwidth, the most any writer can reach (``dd``-like).
 ``sync_torch_save``
     ``torch.save(model, path)`` then ``fsync`` of the file: the synchronous baseline.

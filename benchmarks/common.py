@@ -202,9 +202,8 @@ def disk_writer(path: str, nbytes: int) -> Callable[[], None]:
     """A function writing ``nbytes`` to ``path`` and fsyncing it: the disk's own fsync'd bandwidth (``dd``-like).
 
     128 KiB writes of one buffer (no memory-sized copy), the size bgsave's local writes reach the
-    kernel in, and the fastest found here: 1 GiB + fsync on this project's VM (Linux 6.18, ext4)
-    took 0.78-0.81 s (0.33-0.35 s of system CPU) in 64-512 KiB writes, 1.57 s (1.03 s) in 1 MiB
-    writes and 3.0 s (2.5 s) in 64 MiB writes (medians of 5).
+    kernel in: writes of 512 KiB or less were the fastest in every sweep on this project's VM, larger
+    ones at times 2-4x slower (``bench_write_size.py``).
     """
     chunk = 128 * 2**10
     data = memoryview(bytearray(os.urandom(chunk)))

@@ -76,3 +76,15 @@ def test_the_gpu_benchmark_runs_its_cpu_dry_run(tmp_path: Path) -> None:
         assert 0 < size["median_s"][name] < 60, name
     assert set(size["lost_median_s"]) == {"no_save", "sync_torch_save", "bgsave"}
     assert list(tmp_path.glob("bench-gpu-*")) == []
+
+
+def test_the_write_size_benchmark_runs(tmp_path: Path) -> None:
+    """bench_write_size.py at 4 MB, one round: both sweeps written, its scratch directory gone."""
+    out = tmp_path / "write_size.json"
+    args = ("--mb", "4", "--repeats", "1", "--settle", "0", "--dir", str(tmp_path), "--out", str(out))
+    run("bench_write_size.py", *args)
+    report = json.loads(out.read_text())
+    assert {"64 KiB", "128 KiB", "65536 KiB"} <= set(report["disk_write_fsync"])
+    assert set(report["bgsave_save"]) == {"none", "128 KiB", "1024 KiB"}
+    assert all(row["s"] > 0 for row in report["bgsave_save"].values())
+    assert list(tmp_path.glob("bench-write-size-*")) == []

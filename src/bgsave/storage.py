@@ -10,6 +10,8 @@ what the backend can promise, so there are three strategies, picked from the fil
   leftover is found and removed by :meth:`Storage.remove_stale_temps`. fsspec's ``autocommit=False``
   and transactions are not used: they put the temp file in ``TMPDIR`` (maybe another filesystem, so
   the commit becomes a copy) and a transaction is shared by every thread using the cached instance.
+  The bytes reach the kernel in 128 KiB writes and the disk starts on them every 32 MiB
+  (:class:`_WriteBehind`): less kernel CPU taken from training, and the disk busy early.
 * **Object stores** (``s3://``, ``gs://``, ...): write the final key directly. A multipart upload
   becomes visible all-or-nothing when it is completed, so no temp key and no ``mv`` (a full
   server-side copy plus delete). The file is opened with ``autocommit=False``; the writer's bytes go
@@ -220,10 +222,10 @@ class _WriteBehind:
     changes when the disk starts. Where the call is missing or refused, it is simply not made.
 
     ``torch.save`` hands over each tensor in one call (hundreds of MB for a large layer); those are
-    passed on in 128 KiB slices, zero-copy. On this project's VM (Linux 6.18, ext4) writing 1 GiB +
-    fsync took 0.78-0.81 s and 0.33-0.35 s of system CPU in 64-512 KiB writes, 1.57 s (1.03 s) in
-    1 MiB writes and 3.0 s (2.5 s) in 64 MiB writes; a 1 GB bgsave save went from 1.45 s to 1.04 s to
-    durable and its system CPU from 0.81 s to 0.45 s. That CPU is taken from training.
+    passed on in 128 KiB slices, zero-copy. On this project's VM (Linux 6.18, ext4) large writes are
+    at times far costlier in the kernel: 1 GiB + fsync took 0.7-0.8 s in writes of 512 KiB or less in
+    every sweep, but up to 1.6 s in 1 MiB, 2.8 s in 8 MiB and 3.0 s in 64 MiB writes, mostly system
+    CPU, which a busy training loop loses (``benchmarks/bench_write_size.py``).
     """
 
     def __init__(self, f: IO[bytes]) -> None:
