@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_suite import measure_lost, parse_names, versions
-from common import RESULTS_DIR, BenchModel, make_target, model_bytes, parse_sizes, write_report
+from bench_suite import measure_lost, parse_names, time_steps, versions
+from common import RESULTS_DIR, BenchModel, make_target, model_bytes, parse_sizes, timed, write_report
 from suite_methods import CONTROL, Saver, make_savers
 
 DEFAULT_METHODS = ["sync_torch_save", "bgsave", "dcp_thread", "lightning_async"]
@@ -93,12 +93,7 @@ class DeviceLoop:
         self.synchronize()
 
     def steps(self, n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.step()
-            times.append(time.perf_counter() - start)
-        return times
+        return time_steps(self.step, n)
 
 
 def held_and_stall(saver: Saver, epoch: int, device: torch.device) -> tuple[float, float]:
@@ -151,10 +146,8 @@ def bench_size(size_mb: int, args: argparse.Namespace, target: Path) -> dict[str
     try:
         for round_ in range(args.repeats + 1):
             samples = {}
-            for name, fn in (("d2h_pinned_limit", d2h_pinned), ("d2h_fresh", d2h_fresh)):
-                start = time.perf_counter()
-                fn()
-                samples[name] = time.perf_counter() - start
+            samples.update(timed("d2h_pinned_limit", d2h_pinned)())
+            samples.update(timed("d2h_fresh", d2h_fresh)())
             shift = round_ % len(savers)
             for saver in savers[shift:] + savers[:shift]:
                 start = time.perf_counter()

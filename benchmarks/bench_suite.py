@@ -218,12 +218,17 @@ class TrainLoop:
         self.optimizer.step()
 
     def steps(self, n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.step()
-            times.append(time.perf_counter() - start)
-        return times
+        return time_steps(self.step, n)
+
+
+def time_steps(step: Callable[[], None], n: int) -> list[float]:
+    """Run ``n`` training steps; each one's time (shared with ``bench_gpu.DeviceLoop``)."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def save_while_training(loop: TrainLoop, saver: Saver, epoch: int) -> dict[str, float]:

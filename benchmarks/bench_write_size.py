@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, BenchModel, make_target, remove, write_report
+from common import RESULTS_DIR, BenchModel, disk_writer, make_target, remove, write_report
 
 import bgsave.storage
 from bgsave import CheckpointManager
@@ -56,19 +56,6 @@ def measured(fn: Callable[[], object]) -> dict[str, float]:
     fn()
     elapsed, (u1, s1) = time.perf_counter() - start, cpu()
     return {"s": elapsed, "user_s": u1 - u0, "sys_s": s1 - s0}
-
-
-def disk_write(path: str, nbytes: int, size: int) -> Callable[[], None]:
-    data = memoryview(bytearray(os.urandom(min(size, 64 * 2**20))))
-
-    def write() -> None:
-        with open(path, "wb", buffering=0) as f:
-            left = nbytes
-            while left > 0:
-                left -= f.write(data[: min(len(data), left)])
-            os.fsync(f.fileno())
-
-    return write
 
 
 def bgsave_save(manager: CheckpointManager, model: torch.nn.Module, slice_bytes: int) -> Callable[[], None]:
@@ -120,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = args.mb * 2**20
         path = str(target / "disk.bin")
         print(f"disk: {args.mb} MiB + fsync in writes of {', '.join(f'{s // KiB} KiB' for s in DISK_SIZES)}")
-        disk_cases = {f"{s // KiB} KiB": disk_write(path, nbytes, s) for s in DISK_SIZES}
+        disk_cases = {f"{s // KiB} KiB": disk_writer(path, nbytes, s) for s in DISK_SIZES}
         disk = sweep(disk_cases, lambda: remove(path), args.repeats, args.settle)
 
         torch.manual_seed(0)

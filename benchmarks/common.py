@@ -198,14 +198,13 @@ def torch_save_fsync(obj: Any, path: str) -> None:
     fsync_path(path)
 
 
-def disk_writer(path: str, nbytes: int) -> Callable[[], None]:
+def disk_writer(path: str, nbytes: int, chunk: int = 128 * 2**10) -> Callable[[], None]:
     """A function writing ``nbytes`` to ``path`` and fsyncing it: the disk's own fsync'd bandwidth (``dd``-like).
 
-    128 KiB writes of one buffer (no memory-sized copy), the size bgsave's local writes reach the
-    kernel in: writes of 512 KiB or less were the fastest in every sweep on this project's VM, larger
-    ones at times 2-4x slower (``bench_write_size.py``).
+    Writes of ``chunk`` bytes from one buffer (no memory-sized copy). The default, 128 KiB, is the
+    size bgsave's local writes reach the kernel in: writes of 512 KiB or less were the fastest in
+    every sweep on this project's VM, larger ones at times 2-4x slower (``bench_write_size.py``).
     """
-    chunk = 128 * 2**10
     data = memoryview(bytearray(os.urandom(chunk)))
 
     def write() -> None:
