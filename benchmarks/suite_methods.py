@@ -75,8 +75,8 @@ def sync_torch_save(model: nn.Module, work: Path) -> Saver:
     return Saver("sync_torch_save", lambda _: torch_save_fsync(model, path), clean=lambda: remove(path))
 
 
-def bgsave(model: nn.Module, work: Path, name: str = "bgsave") -> Saver:
-    manager = CheckpointManager(str(work / name), "bench")
+def bgsave(model: nn.Module, work: Path, name: str = "bgsave", **options: Any) -> Saver:
+    manager = CheckpointManager(str(work / name), "bench", **options)
     last = [-1]
 
     def start(epoch: int) -> None:
@@ -98,31 +98,9 @@ def bgsave(model: nn.Module, work: Path, name: str = "bgsave") -> Saver:
     )
 
 
-def bgsave_nocrc(model: nn.Module, work: Path) -> Saver:
-    """bgsave with ``torch.serialization.set_crc32_options(False)`` while its save is in flight.
-
-    The switch is process-wide (a user's choice, not bgsave's): it is set at the call and restored
-    once the save is durable; no other method runs meanwhile.
-    """
-    saver = bgsave(model, work, "bgsave_nocrc")
-    start, done, wait = saver.start, saver.done, saver.wait
-
-    def start_nocrc(epoch: int) -> None:
-        torch.serialization.set_crc32_options(False)
-        start(epoch)
-
-    def done_nocrc() -> bool:
-        finished = done()
-        if finished:
-            torch.serialization.set_crc32_options(True)
-        return finished
-
-    def wait_nocrc() -> None:
-        wait()
-        torch.serialization.set_crc32_options(True)
-
-    saver.start, saver.done, saver.wait = start_nocrc, done_nocrc, wait_nocrc
-    return saver
+def bgsave_crc32(model: nn.Module, work: Path) -> Saver:
+    """bgsave with ``crc32=True``: the ``.pt`` carries torch's per-record CRC32s, as a plain ``torch.save``."""
+    return bgsave(model, work, "bgsave_crc32", crc32=True)
 
 
 def default_max_pending() -> int:
@@ -228,7 +206,7 @@ FACTORIES: dict[str, Callable[[nn.Module, Path], Saver]] = {
     "disk_fsync": disk_fsync,
     "sync_torch_save": sync_torch_save,
     "bgsave": bgsave,
-    "bgsave_nocrc": bgsave_nocrc,
+    "bgsave_crc32": bgsave_crc32,
     "dcp_thread": dcp_saver("thread"),
     "dcp_process": dcp_saver("process"),
     "lightning_async": lightning_async,

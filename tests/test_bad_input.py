@@ -101,9 +101,10 @@ def test_run_dir_that_is_an_existing_file_is_refused(run_dir: str) -> None:
         ({"max_pending": "2"}, "max_pending"),
         ({"background": "yes"}, "background"),
         ({"background": 1}, "background"),
+        ({"crc32": "no"}, "crc32"),
         ({"storage_options": [("anon", True)]}, "storage_options"),
     ],
-    ids=["pending-neg", "pending-bool", "pending-float", "pending-str", "bg-str", "bg-int", "options-list"],
+    ids=["pending-neg", "pending-bool", "pending-float", "pending-str", "bg-str", "bg-int", "crc-str", "opts-list"],
 )
 def test_bad_constructor_options_are_refused(run_dir: str, kwargs: dict[str, Any], argument: str) -> None:
     """Keyword options with a wrong type or value: InvalidArgumentError naming the option, nothing created."""
