@@ -1,7 +1,7 @@
 """Write size: how the size of each ``write()`` changes the cost of writing a checkpoint to local disk.
 
 ``torch.save`` hands each tensor to ``write()`` in one call (hundreds of MB for a large layer);
-bgsave passes local writes on in slices (``bgsave.storage._WRITE_SLICE``). Two sweeps, round-robin,
+bgsave passes page-cache writes on in slices (``bgsave.diskfile._WRITE_SLICE``). Two sweeps, round-robin,
 medians of ``--repeats`` rounds after a warm-up, ``--settle`` seconds after each file is deleted (as
 in ``common.run_rounds``):
 
@@ -9,9 +9,10 @@ in ``common.run_rounds``):
     ``--mb`` MiB written from one buffer in writes of each size, then ``fsync``: time and the
     process's system CPU (the kernel's side of the copy into the page cache and of writeback).
 ``bgsave``
-    ``save_agent`` + ``wait()`` of a ``--mb`` MB model with the slice set to each size (``0``: no
-    slicing, torch's own write sizes): time to durable, user and system CPU (the writer's CPU, which
-    a busy training loop loses).
+    ``save_agent`` + ``wait()`` of a ``--mb`` MB model written through the page cache with the slice
+    set to each size (``none``: torch's own write sizes), and as bgsave writes a large checkpoint by
+    default, past the page cache (``O_DIRECT``): time to durable, user and system CPU (the writer's
+    CPU, which a busy training loop loses).
 
 Usage::
 
@@ -38,12 +39,14 @@ from typing import Any
 import torch
 from common import RESULTS_DIR, BenchModel, disk_writer, make_target, remove, write_report
 
-import bgsave.storage
+import bgsave.diskfile
+import bgsave.manager
 from bgsave import CheckpointManager
 
 KiB = 2**10
 DISK_SIZES = [64 * KiB, 128 * KiB, 512 * KiB, 1024 * KiB, 8192 * KiB, 65536 * KiB]
-SLICES = [0, 128 * KiB, 1024 * KiB]
+DIRECT_MIN = bgsave.manager._DIRECT_MIN
+SLICES: list[int | None] = [0, 128 * KiB, 1024 * KiB, None]  # None: O_DIRECT
 
 
 def cpu() -> tuple[float, float]:
@@ -58,12 +61,17 @@ def measured(fn: Callable[[], object]) -> dict[str, float]:
     return {"s": elapsed, "user_s": u1 - u0, "sys_s": s1 - s0}
 
 
-def bgsave_save(manager: CheckpointManager, model: torch.nn.Module, slice_bytes: int) -> Callable[[], None]:
+def slice_name(slice_bytes: int | None) -> str:
+    return "O_DIRECT" if slice_bytes is None else f"{slice_bytes // KiB} KiB" if slice_bytes else "none"
+
+
+def bgsave_save(manager: CheckpointManager, model: torch.nn.Module, slice_bytes: int | None) -> Callable[[], None]:
     epochs = iter(range(10**9))
 
     def save() -> None:
-        # 0: no slicing (one write per tensor, as torch.save makes them); the slice is read at each write.
-        bgsave.storage._WRITE_SLICE = slice_bytes or 2**62
+        # 0: no slicing (one write per tensor, as torch.save makes them); both are read at each save.
+        bgsave.diskfile._WRITE_SLICE = slice_bytes or 2**62
+        bgsave.manager._DIRECT_MIN = 0 if slice_bytes is None else 2**62
         manager.save_agent(model, next(epochs))
         manager.wait()
 
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--mb and --repeats must be >= 1, --settle >= 0")
     started = dt.datetime.now(dt.timezone.utc)
     target, info = make_target(args.dir, "bench-write-size-", args.mb)
-    default_slice = bgsave.storage._WRITE_SLICE
+    default_slice = bgsave.diskfile._WRITE_SLICE
     try:
         nbytes = args.mb * 2**20
         path = str(target / "disk.bin")
@@ -113,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = BenchModel(args.mb)
         with CheckpointManager(str(target / "bgsave"), "write-size") as manager:
-            print(f"bgsave: {args.mb} MB model, slices {', '.join(f'{s // KiB} KiB' if s else 'none' for s in SLICES)}")
-            cases = {(f"{s // KiB} KiB" if s else "none"): bgsave_save(manager, model, s) for s in SLICES}
+            print(f"bgsave: {args.mb} MB model, slices {', '.join(slice_name(s) for s in SLICES)}")
+            cases = {slice_name(s): bgsave_save(manager, model, s) for s in SLICES}
             clean = lambda: remove(os.path.join(manager.checkpoint_dir, "model_*"))  # noqa: E731
             saves = sweep(cases, clean, args.repeats, args.settle)
     finally:
-        bgsave.storage._WRITE_SLICE = default_slice
+        bgsave.diskfile._WRITE_SLICE = default_slice
+        bgsave.manager._DIRECT_MIN = DIRECT_MIN
         shutil.rmtree(target, ignore_errors=True)
 
     for title, rows in (("disk write + fsync", disk), ("bgsave save_agent + wait", saves)):

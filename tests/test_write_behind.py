@@ -10,7 +10,7 @@ from typing import IO
 import pytest
 import torch
 
-import bgsave.storage as storage_module
+from bgsave import diskfile
 from bgsave.storage import Storage
 
 pytestmark = [
@@ -37,7 +37,7 @@ def writer(obj: object) -> Callable[[IO[bytes]], None]:
 @pytest.fixture
 def writeback_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int]]]:
     """Records every sync_file_range call, passing it on to the real one."""
-    real = storage_module._start_writeback
+    real = diskfile._start_writeback
     assert real is not None, "libc's sync_file_range was not found on Linux"
     calls: list[tuple[int, int, int]] = []
 
@@ -45,7 +45,7 @@ def writeback_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int,
         calls.append((offset, nbytes, flags))
         return real(fd, offset, nbytes, flags)
 
-    monkeypatch.setattr(storage_module, "_start_writeback", recording)
+    monkeypatch.setattr(diskfile, "_start_writeback", recording)
     yield calls
 
 
@@ -61,7 +61,7 @@ def test_a_large_write_hands_each_chunk_to_the_disk_in_order(
     offset = 0
     for start, nbytes, flags in writeback_calls:
         assert (start, flags) == (offset, 2)  # contiguous ranges, SYNC_FILE_RANGE_WRITE (2) only
-        assert nbytes >= storage_module._WRITE_BEHIND
+        assert nbytes >= diskfile._WRITE_BEHIND
         offset += nbytes
     assert offset <= size
     loaded = torch.load(path, weights_only=True)
@@ -87,7 +87,7 @@ def test_a_refused_writeback_is_not_retried_and_the_file_is_still_whole(
         calls.append(offset)
         return -1
 
-    monkeypatch.setattr(storage_module, "_start_writeback", refusing)
+    monkeypatch.setattr(diskfile, "_start_writeback", refusing)
     st = Storage(os.fspath(tmp_path))
     data = tensors(96)
     path = st.join("big.pt")
@@ -118,13 +118,13 @@ def test_one_large_write_reaches_the_file_in_slices_and_whole(
         def __getattr__(self, name: str) -> object:
             return getattr(self._f, name)
 
-    real_init = storage_module._WriteBehind.__init__
-    monkeypatch.setattr(storage_module._WriteBehind, "__init__", lambda self, f: real_init(self, Recording(f)))
+    real_init = diskfile._WriteBehind.__init__
+    monkeypatch.setattr(diskfile._WriteBehind, "__init__", lambda self, f: real_init(self, Recording(f)))
     values = torch.rand(300_001, generator=torch.Generator().manual_seed(1))
     st = Storage(os.fspath(tmp_path))
     path = st.join("raw.bin")
     size = st.write_atomic(path, lambda f: f.write(values.numpy().data))
     assert size == values.numel() * 4 == sum(sizes)
-    assert len(sizes) > 1 and max(sizes) == storage_module._WRITE_SLICE
+    assert len(sizes) > 1 and max(sizes) == diskfile._WRITE_SLICE
     with open(path, "rb") as f:
         assert f.read() == values.numpy().tobytes()

@@ -33,6 +33,7 @@ import copy
 import ctypes
 import io
 import logging
+import mmap
 import pickle
 import threading
 import types
@@ -179,6 +180,24 @@ def _copy_host(buf: torch.Tensor, storage: torch.UntypedStorage) -> None:
     ctypes.memmove(buf.data_ptr(), storage.data_ptr(), min(buf.numel(), storage.nbytes()))
 
 
+# CPU buffers this large start on a page boundary (below this, torch's allocator gives 64 bytes).
+_PAGE_ALIGNED_MIN = 2**20
+
+
+def _new_buffer(size: int, pin: bool) -> torch.Tensor:
+    """A byte buffer for one storage's copy: pinned for CUDA sources, page-aligned when large.
+
+    Page alignment lets the writer send the bytes to disk with ``O_DIRECT`` straight from this
+    buffer (:mod:`bgsave.diskfile`). An anonymous ``mmap`` is what malloc would use at this size
+    anyway; the tensor keeps the mapping alive and it is unmapped with the tensor's storage. Pinned
+    buffers come from CUDA's host allocator (page-aligned in practice; memory the disk refuses is
+    copied through the writer's staging buffer instead).
+    """
+    if pin or size < _PAGE_ALIGNED_MIN:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
+
+
 _BY_VALUE = (torch.Tensor, torch.TypedStorage, torch.UntypedStorage)
 
 
@@ -258,7 +277,7 @@ class _Copier:
             size = storage.nbytes()
             pin = t.device.type == "cuda"
             reusable = self._spare.get((size, pin))
-            buf = reusable.pop() if reusable else torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            buf = reusable.pop() if reusable else _new_buffer(size, pin)
             self.buffers.append(buf)
             self.nbytes += size
             self._pending.setdefault(t.device, []).append((buf, storage))

@@ -10,8 +10,8 @@ what the backend can promise, so there are three strategies, picked from the fil
   leftover is found and removed by :meth:`Storage.remove_stale_temps`. fsspec's ``autocommit=False``
   and transactions are not used: they put the temp file in ``TMPDIR`` (maybe another filesystem, so
   the commit becomes a copy) and a transaction is shared by every thread using the cached instance.
-  The bytes reach the kernel in 128 KiB writes and the disk starts on them every 32 MiB
-  (:class:`_WriteBehind`): less kernel CPU taken from training, and the disk busy early.
+  How the bytes reach the disk is :mod:`bgsave.diskfile`'s: through the page cache in 128 KiB
+  writes with the disk started every 32 MiB, or, for a large checkpoint, past it with ``O_DIRECT``.
 * **Object stores** (``s3://``, ``gs://``, ...): write the final key directly. A multipart upload
   becomes visible all-or-nothing when it is completed, so no temp key and no ``mv`` (a full
   server-side copy plus delete). The file is opened with ``autocommit=False``; the writer's bytes go
@@ -62,13 +62,11 @@ pass ``storage_options={"config_kwargs": {"retries": {"total_max_attempts": 2}}}
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import io
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
@@ -78,6 +76,7 @@ from typing import IO, Any, TypeVar, cast
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from bgsave import diskfile
 from bgsave.errors import InvalidArgumentError
 from bgsave.retry import DEFAULT_RETRY, RetryPolicy, is_transient
 from bgsave.retry import describe as _describe
@@ -119,8 +118,9 @@ class _Guard:
     on in pieces, so an upload buffer holds at most one part however large a single tensor is.
     """
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: IO[bytes], piece: int | None = _WRITE_PIECE) -> None:
         self._f = f
+        self._piece = piece
         self.error: Exception | None = None
 
     def _record(self, exc: Exception) -> None:
@@ -129,9 +129,10 @@ class _Guard:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
+        piece = self._piece or max(len(view), 1)
         try:
-            for start in range(0, len(view), _WRITE_PIECE):
-                self._f.write(view[start : start + _WRITE_PIECE])
+            for start in range(0, len(view), piece):
+                self._f.write(view[start : start + piece])
         except Exception as exc:
             self._record(exc)
             raise
@@ -185,78 +186,6 @@ class _Attempt:
     number: int
     guard: _Guard | None = None  # the file caller code is using, while it runs
     in_caller: bool = False  # True while (and if) caller code raised
-
-
-# Local writes start the disk writing every this many bytes instead of leaving it all to the final fsync.
-_WRITE_BEHIND = 32 * 2**20
-# ...and reach the kernel in write() calls of at most this many bytes (see _WriteBehind).
-_WRITE_SLICE = 128 * 2**10
-_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, don't wait
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range(2) from libc, or None where there is none (Python's os lacks it)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_start_writeback = _sync_file_range()
-
-
-class _WriteBehind:
-    """A local file being written that hands each finished 32 MiB to the disk at once (Linux).
-
-    Dirty pages are otherwise written back only at the final ``fsync`` (the kernel's own flusher waits
-    for 30 s or 10% of RAM), so serializing and disk writes would run one after the other: for 1 GB
-    on this project's VM, 0.55 s of ``torch.save`` then 0.45-0.55 s of fsync. Starting writeback of
-    each chunk as it is written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait)
-    overlaps the two and leaves the fsync ~0.1 s. The fsync still makes the file durable; this only
-    changes when the disk starts. Where the call is missing or refused, it is simply not made.
-
-    ``torch.save`` hands over each tensor in one call (hundreds of MB for a large layer); those are
-    passed on in 128 KiB slices, zero-copy. On this project's VM (Linux 6.18, ext4) large writes are
-    at times far costlier in the kernel: 1 GiB + fsync took 0.7-0.8 s in writes of 512 KiB or less in
-    every sweep, but up to 1.6 s in 1 MiB, 2.8 s in 8 MiB and 3.0 s in 64 MiB writes, mostly system
-    CPU, which a busy training loop loses (``benchmarks/bench_write_size.py``).
-    """
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self._fd = f.fileno()
-        self._on = _start_writeback is not None
-        self._started = 0  # bytes handed to the disk so far
-        self._written = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        n = 0
-        for start in range(0, len(view), _WRITE_SLICE):
-            n += self._write(view[start : start + _WRITE_SLICE])
-        return n
-
-    def _write(self, data: memoryview) -> int:
-        n = self._f.write(data)
-        self._written += n
-        if self._on and self._written - self._started >= _WRITE_BEHIND:
-            assert _start_writeback is not None
-            self._f.flush()
-            # Nonzero: refused on this file (EINVAL, ESPIPE...); stop trying.
-            self._on = not _start_writeback(
-                self._fd, self._started, self._written - self._started, _SYNC_FILE_RANGE_WRITE
-            )
-            self._started = self._written
-        return n
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -372,9 +301,11 @@ class Storage:
                 attempt = _Attempt(number=attempt.number + 1)
 
     @staticmethod
-    def _call(attempt: _Attempt, f: IO[bytes], code: Callable[[IO[bytes]], T]) -> T:
-        """Run caller code on ``f`` (guarded), noting in ``attempt`` whether it raised."""
-        attempt.guard = _Guard(f)
+    def _call(
+        attempt: _Attempt, f: IO[bytes], code: Callable[[IO[bytes]], T], *, piece: int | None = _WRITE_PIECE
+    ) -> T:
+        """Run caller code on ``f`` (guarded; writes passed on in ``piece``-sized parts), noting if it raised."""
+        attempt.guard = _Guard(f, piece)
         attempt.in_caller = True
         result = code(cast(IO[bytes], attempt.guard))
         attempt.in_caller = False
@@ -390,7 +321,9 @@ class Storage:
             return
         self._retrying("creating", path, lambda _: self.fs.makedirs(path, exist_ok=True))
 
-    def write_atomic(self, path: str, write: Writer, *, before_commit: Callable[[], None] | None = None) -> int:
+    def write_atomic(
+        self, path: str, write: Writer, *, before_commit: Callable[[], None] | None = None, direct: bool = False
+    ) -> int:
         """Write a file so that readers see either the old content or all of the new, never part.
 
         Transient storage errors are retried by calling ``write`` again on a fresh file, so it must
@@ -404,6 +337,8 @@ class Storage:
                 before the rename / upload completion (the manager un-commits the old sidecar
                 there, so a failed re-save never costs the earlier checkpoint). May run again on
                 a retry: it must be idempotent.
+            direct: A large file: on local disk, write it past the page cache where the filesystem
+                allows (``O_DIRECT``, :mod:`bgsave.diskfile`). Other backends ignore it.
 
         Returns:
             The number of bytes written.
@@ -412,13 +347,12 @@ class Storage:
             OSError: the storage failed permanently, or transiently on every attempt (the message
                 names the URL; the original error is the ``__cause__``).
         """
-        if self.is_local:
-            operation = self._write_local
-        elif self._is_object_store:
-            operation = self._write_object
-        else:
-            operation = self._write_piped
         hook = before_commit or _nothing
+        if self.is_local:
+            return self._retrying(
+                "writing", path, lambda attempt: self._write_local(attempt, path, write, hook, direct)
+            )
+        operation = self._write_object if self._is_object_store else self._write_piped
         return self._retrying("writing", path, lambda attempt: operation(attempt, path, write, hook))
 
     def write_bytes_atomic(self, path: str, data: bytes) -> int:
@@ -438,18 +372,19 @@ class Storage:
 
         return self.write_atomic(path, write)
 
-    def _write_local(self, attempt: _Attempt, path: str, write: Writer, before_commit: Callable[[], None]) -> int:
+    def _write_local(
+        self, attempt: _Attempt, path: str, write: Writer, before_commit: Callable[[], None], direct: bool
+    ) -> int:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, _temp_name(name))
         try:
             # A fresh file ("x": O_CREAT | O_EXCL, which also refuses a symlink planted at the temp name).
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
-            with open(tmp, "xb") as f:
-                self._call(attempt, cast(IO[bytes], _WriteBehind(f)), write)
-                f.flush()
-                os.fsync(f.fileno())
-                size = f.tell()
+            with diskfile.create(tmp, direct=direct) as f:
+                # Whole writes: the file slices or stages them itself.
+                self._call(attempt, cast(IO[bytes], f), write, piece=None)
+                size = f.finish()
             before_commit()
             os.replace(tmp, path)
         except BaseException:

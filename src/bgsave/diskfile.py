@@ -1,0 +1,232 @@
+"""Disk: how a new local file's bytes reach the disk, taking as little CPU from training as can be.
+
+:func:`create` opens a new file and hands back one of two writers; ``finish()`` makes it durable
+(fsync) and returns its size. :mod:`bgsave.storage` does the rest of the atomic write (temp name,
+rename, directory fsync).
+
+* **Through the page cache** (:class:`_WriteBehind`): small files, and wherever ``O_DIRECT`` is
+  missing or refused (tmpfs, macOS). Writes reach the kernel in 128 KiB slices and the disk starts on
+  every 32 MiB written.
+* **Past the page cache** (:class:`_Direct`, ``O_DIRECT``, Linux): large checkpoints. Copying 1 GB
+  into the page cache costs the writer 0.30-0.35 s of system CPU on this project's 2-core VM, and a
+  training loop using both cores lost 0.34 s per GB to it; ``O_DIRECT`` writes of the same bytes took
+  0.02 s of CPU, lost ~0.03 s (within noise) and were as fast to durable (0.63 vs 0.69 s). The bytes
+  go to the disk straight from the caller's memory when its address, the file offset and the length
+  are all multiples of :data:`BLOCK`: snapshot buffers are page-aligned and bgsave lays tensors out
+  on 4 KiB boundaries (:mod:`bgsave.serialize`), so a tensor's bytes are written where they lie.
+  Everything else (zip headers, small tensors, the ends of large ones) is gathered in an aligned
+  staging buffer and written a block at a time; memory the disk refuses (an ``EINVAL``) is copied
+  through it too. The file's last partial block goes through the page cache, as ``O_DIRECT`` writes
+  whole blocks only. The page cache also stays free for what training reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import IO, Any, cast
+
+__all__ = ("BLOCK", "create")
+
+BLOCK = 4096
+"""Alignment of ``O_DIRECT`` writes (memory, file offset, length): 4 KiB suits 512-byte and 4K disks."""
+
+# Write-behind: start the disk on every this many bytes instead of leaving it all to the final fsync...
+_WRITE_BEHIND = 32 * 2**20
+# ...and pass writes to the kernel in pieces of at most this many bytes (see _WriteBehind).
+_WRITE_SLICE = 128 * 2**10
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, don't wait
+
+_STAGING = 8 * 2**20  # O_DIRECT: the aligned buffer small writes are gathered in
+_FROM_CALLER_MIN = 2**20  # O_DIRECT: smaller writes are staged rather than sent alone
+_DIRECT_PIECE = 64 * 2**20  # O_DIRECT: bytes per write() call
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2) from libc, or None where there is none (Python's os lacks it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_start_writeback = _sync_file_range()
+
+
+class _WriteBehind:
+    """A local file being written that hands each finished 32 MiB to the disk at once (Linux).
+
+    Dirty pages are otherwise written back only at the final ``fsync`` (the kernel's own flusher waits
+    for 30 s or 10% of RAM), so serializing and disk writes would run one after the other: for 1 GB
+    on this project's VM, 0.55 s of ``torch.save`` then 0.45-0.55 s of fsync. Starting writeback of
+    each chunk as it is written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait)
+    overlaps the two and leaves the fsync ~0.1 s. The fsync still makes the file durable; this only
+    changes when the disk starts. Where the call is missing or refused, it is simply not made.
+
+    ``torch.save`` hands over each tensor in one call (hundreds of MB for a large layer); those are
+    passed on in 128 KiB slices, zero-copy. On this project's VM (Linux 6.18, ext4) large writes are
+    at times far costlier in the kernel: 1 GiB + fsync took 0.7-0.8 s in writes of 512 KiB or less in
+    every sweep, but up to 1.6 s in 1 MiB, 2.8 s in 8 MiB and 3.0 s in 64 MiB writes, mostly system
+    CPU, which a busy training loop loses (``benchmarks/bench_write_size.py``).
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._fd = f.fileno()
+        self._on = _start_writeback is not None
+        self._started = 0  # bytes handed to the disk so far
+        self._written = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = 0
+        for start in range(0, len(view), _WRITE_SLICE):
+            n += self._write(view[start : start + _WRITE_SLICE])
+        return n
+
+    def _write(self, data: memoryview) -> int:
+        n = self._f.write(data)
+        self._written += n
+        if self._on and self._written - self._started >= _WRITE_BEHIND:
+            assert _start_writeback is not None
+            self._f.flush()
+            # Nonzero: refused on this file (EINVAL, ESPIPE...); stop trying.
+            self._on = not _start_writeback(
+                self._fd, self._started, self._written - self._started, _SYNC_FILE_RANGE_WRITE
+            )
+            self._started = self._written
+        return n
+
+    def finish(self) -> int:
+        """Flush and fsync; the file's size."""
+        self._f.flush()
+        os.fsync(self._fd)
+        return self._f.tell()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view[:_DIRECT_PIECE]) :]
+
+
+class _Direct:
+    """A local file opened with ``O_DIRECT``: aligned bulk from the caller's memory, the rest staged.
+
+    The bytes on disk so far always end on a block boundary; :attr:`_staged` bytes wait after them.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._map = mmap.mmap(-1, _STAGING)  # page-aligned
+        self._staging = memoryview(self._map)
+        self._staged = 0
+        self._size = 0
+        self._from_caller = True  # until the disk refuses the caller's memory
+        self.bytes_from_caller = 0  # written straight from the memory handed to write()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        done = 0
+        if self._from_caller and self._staged % BLOCK == 0 and n >= _FROM_CALLER_MIN:
+            self._drain()  # the file now ends on a block boundary, where this write starts
+            bulk = n - n % BLOCK
+            try:
+                while done < bulk:
+                    done += os.write(self._fd, view[done : min(bulk, done + _DIRECT_PIECE)])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or done % BLOCK:
+                    raise
+                self._from_caller = False  # this memory is not aligned as the disk needs: stage it
+            self.bytes_from_caller += done
+        rest = view[done:]
+        while rest:
+            take = min(len(rest), _STAGING - self._staged)
+            self._staging[self._staged : self._staged + take] = rest[:take]
+            self._staged += take
+            rest = rest[take:]
+            if self._staged == _STAGING:
+                self._drain()
+        self._size += n
+        return n
+
+    def _drain(self) -> None:
+        """Write the staged whole blocks; a partial block stays, moved to the front."""
+        whole = self._staged - self._staged % BLOCK
+        if not whole:
+            return
+        _write_all(self._fd, self._staging[:whole])
+        left = self._staged - whole  # < BLOCK <= whole: source and destination do not overlap
+        self._staging[:left] = self._staging[whole : self._staged]
+        self._staged = left
+
+    def flush(self) -> None:
+        """Nothing to do: staged bytes are written by :meth:`finish` (torch.save calls this at its end)."""
+
+    def finish(self) -> int:
+        """Write what is staged, fsync; the file's size."""
+        self._drain()
+        if self._staged:
+            # O_DIRECT writes whole blocks only: the last partial one goes through the page cache.
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _write_all(self._fd, self._staging[: self._staged])
+            self._staged = 0
+        os.fsync(self._fd)
+        return self._size
+
+    def close(self) -> None:
+        self._staging.release()
+        self._map.close()
+        os.close(self._fd)
+
+
+def _open_direct(path: str) -> int | None:
+    """Create ``path`` for ``O_DIRECT`` writing, or None where the platform or filesystem has none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        # O_EXCL as open(path, "x"): refuses an existing file and a symlink planted at the name.
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flag, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    # The filesystem refuses O_DIRECT (tmpfs); it may have created the file first.
+    with suppress(FileNotFoundError):
+        os.unlink(path)
+    return None
+
+
+@contextmanager
+def create(path: str, *, direct: bool) -> Iterator[_WriteBehind | _Direct]:
+    """A new file at ``path`` (refused if it exists), closed on exit; call ``finish()`` to make it durable.
+
+    Args:
+        path: Where; must not exist.
+        direct: A large file: write it past the page cache where the filesystem allows.
+    """
+    fd = _open_direct(path) if direct else None
+    if fd is not None:
+        f = _Direct(fd)
+        try:
+            yield f
+        finally:
+            f.close()
+        return
+    with open(path, "xb") as raw:
+        yield _WriteBehind(raw)
