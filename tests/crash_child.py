@@ -64,6 +64,7 @@ import bgsave
 
 RUN_NAME = "crash"
 LAYERS = 3
+DIRECT_MIN_ENV = "BGSAVE_CRASH_DIRECT_MIN"  # set by the harness: the children's O_DIRECT threshold, bytes
 WIDTH = 512  # 3 x (512 x 512 + 512) float32: 3.2 MB per agent, as much again for the momentum buffers
 STEPS_PER_EPOCH = 100
 # With max_pending=1 the worker holds at most two jobs (one written, one queued). Once save_agent(e)
@@ -223,6 +224,8 @@ def _prune(run_dir: str, keep_from: int) -> None:
 def child_main(run_dir: str, conn: Connection, env: Mapping[str, str], max_seconds: float) -> None:
     """Verify the run, resume it and save epoch after epoch until killed, reporting on ``conn``."""
     os.environ.update(env)
+    if DIRECT_MIN_ENV in env:  # the harness's own switch: this size and up go through O_DIRECT
+        bgsave.manager._DIRECT_MIN = int(env[DIRECT_MIN_ENV])
     logging.getLogger("bgsave").setLevel(logging.ERROR)  # the backpressure advice is expected here
     give_up_at = time.monotonic() + max_seconds
     try:

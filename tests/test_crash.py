@@ -46,10 +46,15 @@ def _check_final(records: list[crash_child.KillRecord], final: dict[str, object]
 
 
 @pytest.mark.timeout(150)
-def test_sigkill_mid_save_local(tmp_path: os.PathLike[str]) -> None:
-    """After each of 20 SIGKILLs mid-save on local disk, a fresh process loads the latest intact; <= 1 epoch lost."""
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_sigkill_mid_save_local(tmp_path: os.PathLike[str], direct: bool) -> None:
+    """After each of 20 SIGKILLs mid-save on local disk, a fresh process loads the latest intact; <= 1 epoch lost.
+
+    ``o-direct``: the children write their 3 MB checkpoints past the page cache, as large ones are.
+    """
     run_dir = os.path.join(os.fspath(tmp_path), "run")
-    records = crash_child.crash_loop(run_dir, kills=LOCAL_KILLS, seed=_seed(), max_delay=0.4)
+    env = {crash_child.DIRECT_MIN_ENV: str(2**20)} if direct else None
+    records = crash_child.crash_loop(run_dir, kills=LOCAL_KILLS, seed=_seed(), max_delay=0.4, env=env)
     assert len(records) == LOCAL_KILLS
     _check_final(records, crash_child.verify_in_fresh_interpreter(run_dir))
 
