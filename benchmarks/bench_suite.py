@@ -11,6 +11,10 @@ training time* with 1 and with 2 torch threads:
 ``disk_fsync``
     Writing as many bytes as the model has, in 128 KiB writes from one buffer, then ``fsync``: the
     disk's own fsync'd bandwidth, the most any writer can reach (``dd``-like).
+``disk_direct``
+    The same bytes with ``O_DIRECT`` in 64 MiB writes from a page-aligned buffer, then ``fsync``
+    (``dd oflag=direct``): the disk past the page cache. The throughput target is checked against
+    the faster of the two disk rows.
 ``sync_torch_save``
     ``torch.save(model, path)`` then ``fsync`` of the file: the synchronous baseline.
 ``bgsave``
@@ -82,7 +86,7 @@ How it is measured, per size:
 The targets bgsave must meet are checked from ratios within the same run (printed, and in the JSON
 and Markdown with pass/fail): stall <= 1.3 x copy limit; lost training time <= 1/6 of sync's with 1
 thread and <= 1/2 with 2; time to durable <= 1.2 x sync; write throughput >= 80% of the disk's fsync'd
-bandwidth; extra RSS <= (max_pending + 1) x model; stall <= 5 ms at 10 MB.
+bandwidth (the faster of ``disk_fsync`` and ``disk_direct``); extra RSS <= (max_pending + 1) x model; stall <= 5 ms at 10 MB.
 
 Usage::
 
@@ -362,14 +366,16 @@ def targets(size_mb: int, nbytes: int, methods: dict[str, dict[str, Any]]) -> li
 
     max_pending = default_max_pending()
     rss = methods.get("bgsave", {}).get("extra_rss_bytes")
-    # Bandwidths are bytes / time: bgsave's over the disk's is the disk's time over bgsave's.
-    bandwidth = ratio(median("disk_fsync", "durable"), median("bgsave", "durable"))
+    # Bandwidths are bytes / time: bgsave's over the disk's is the disk's time over bgsave's. The
+    # disk's is its best: through the page cache or past it, whichever was faster in this run.
+    disk = [t for t in (median("disk_fsync", "durable"), median("disk_direct", "durable")) if t is not None]
+    bandwidth = ratio(min(disk) if disk else None, median("bgsave", "durable"))
     rows = [
         ("stall / copy limit's", "<=", 1.3, bgsave_over("copy_limit", "stall"), None),
         ("lost time / sync's, 1 thread", "<=", 1 / 6, *lost_over_sync("1")),
         ("lost time / sync's, 2 threads", "<=", 1 / 2, *lost_over_sync("2")),
         ("time to durable / sync's", "<=", 1.2, bgsave_over("sync_torch_save", "durable"), None),
-        ("write throughput / disk fsync bandwidth", ">=", 0.8, bandwidth, None),
+        ("write throughput / disk fsync bandwidth (best of 2)", ">=", 0.8, bandwidth, None),
         (f"extra RSS / model (max_pending={max_pending})", "<=", max_pending + 1, rss and rss / nbytes, None),
     ]
     if size_mb <= 10:

@@ -13,6 +13,7 @@ import datetime as dt
 import gc
 import glob
 import json
+import mmap
 import os
 import platform
 import resource
@@ -198,21 +199,36 @@ def torch_save_fsync(obj: Any, path: str) -> None:
     fsync_path(path)
 
 
-def disk_writer(path: str, nbytes: int, chunk: int = 128 * 2**10) -> Callable[[], None]:
+def disk_writer(path: str, nbytes: int, chunk: int = 128 * 2**10, *, direct: bool = False) -> Callable[[], None]:
     """A function writing ``nbytes`` to ``path`` and fsyncing it: the disk's own fsync'd bandwidth (``dd``-like).
 
     Writes of ``chunk`` bytes from one buffer (no memory-sized copy). The default, 128 KiB, is the
-    size bgsave's local writes reach the kernel in: writes of 512 KiB or less were the fastest in
-    every sweep on this project's VM, larger ones at times 2-4x slower (``bench_write_size.py``).
+    size bgsave's page-cache writes reach the kernel in: writes of 512 KiB or less were the fastest
+    in every sweep on this project's VM, larger ones at times 2-4x slower (``bench_write_size.py``).
+    ``direct``: ``O_DIRECT`` writes from a page-aligned buffer, past the page cache (``dd
+    oflag=direct``), ``nbytes`` rounded up to whole 4 KiB blocks; buffered where it is refused.
     """
-    data = memoryview(bytearray(os.urandom(chunk)))
+    if direct:
+        nbytes = -(-nbytes // 4096) * 4096
+        buffer = mmap.mmap(-1, chunk)  # page-aligned
+        buffer[:] = os.urandom(chunk)
+        data = memoryview(buffer)
+    else:
+        data = memoryview(bytearray(os.urandom(chunk)))
 
     def write() -> None:
-        with open(path, "wb", buffering=0) as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(path, flags | (getattr(os, "O_DIRECT", 0) if direct else 0), 0o644)
+        except OSError:
+            fd = os.open(path, flags, 0o644)
+        try:
             left = nbytes
             while left > 0:
-                left -= f.write(data[: min(chunk, left)])
-            os.fsync(f.fileno())
+                left -= os.write(fd, data[: min(chunk, left)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     return write
 

@@ -70,6 +70,12 @@ def disk_fsync(model: nn.Module, work: Path) -> Saver:
     return Saver("disk_fsync", lambda _: write(), clean=lambda: remove(path))
 
 
+def disk_direct(model: nn.Module, work: Path) -> Saver:
+    path = str(work / "raw_direct.bin")
+    write = disk_writer(path, model_bytes(model), 64 * 2**20, direct=True)
+    return Saver("disk_direct", lambda _: write(), clean=lambda: remove(path))
+
+
 def sync_torch_save(model: nn.Module, work: Path) -> Saver:
     path = str(work / "sync.pt")
     return Saver("sync_torch_save", lambda _: torch_save_fsync(model, path), clean=lambda: remove(path))
@@ -204,6 +210,7 @@ def lightning_async(model: nn.Module, work: Path) -> Saver:
 FACTORIES: dict[str, Callable[[nn.Module, Path], Saver]] = {
     "copy_limit": copy_limit,
     "disk_fsync": disk_fsync,
+    "disk_direct": disk_direct,
     "sync_torch_save": sync_torch_save,
     "bgsave": bgsave,
     "bgsave_crc32": bgsave_crc32,

@@ -26,7 +26,7 @@ def run(script: str, *args: str) -> str:
 def test_the_suite_measures_every_method_and_checks_the_targets(tmp_path: Path) -> None:
     """bench_suite.py at 2 MB, one round, one training thread: JSON, Markdown (and PNG with matplotlib)."""
     out = tmp_path / "results"
-    methods = ["copy_limit", "disk_fsync", "sync_torch_save", "bgsave", "dcp_thread", "lightning_async"]
+    methods = ["copy_limit", "disk_fsync", "disk_direct", "sync_torch_save", "bgsave", "dcp_thread", "lightning_async"]
     stdout = run(
         "bench_suite.py",
         *("--sizes", "2", "--repeats", "1", "--threads", "1", "--window", "3", "--settle", "0"),
