@@ -86,7 +86,8 @@ How it is measured, per size:
 The targets bgsave must meet are checked from ratios within the same run (printed, and in the JSON
 and Markdown with pass/fail): stall <= 1.3 x copy limit; lost training time <= 1/6 of sync's with 1
 thread and <= 1/2 with 2; time to durable <= 1.2 x sync; write throughput >= 80% of the disk's fsync'd
-bandwidth (the faster of ``disk_fsync`` and ``disk_direct``); extra RSS <= (max_pending + 1) x model; stall <= 5 ms at 10 MB.
+bandwidth (the faster of ``disk_fsync`` and ``disk_direct``); extra RSS <= (max_pending + 1) x model;
+stall <= 5 ms at 10 MB.
 
 Usage::
 
