@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import sys
@@ -182,6 +181,8 @@ class _Direct:
         """Write what is staged, fsync; the file's size."""
         self._drain()
         if self._staged:
+            import fcntl  # here, not at the top: Windows has no fcntl (and no O_DIRECT, so never gets here)
+
             # O_DIRECT writes whole blocks only: the last partial one goes through the page cache.
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             _write_all(self._fd, self._staging[: self._staged])
