@@ -81,6 +81,31 @@ def test_memory_the_disk_refuses_is_copied_through_staging(direct_dir: str) -> N
         assert check.read() == bytes(misaligned) + b"end"
 
 
+def test_a_disk_that_refuses_even_aligned_writes_gets_the_rest_through_the_page_cache(
+    direct_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every O_DIRECT write refused (EINVAL: blocks larger than 4 KiB): the file drops O_DIRECT, bytes whole.
+
+    The real ``os.write`` is wrapped: it refuses while the file is open with O_DIRECT, as such a disk would.
+    """
+    import fcntl
+
+    real_write = os.write
+
+    def refusing(fd: int, data: object) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(diskfile.os, "write", refusing)
+    pieces = [os.urandom(5000), page_aligned(os.urandom(3 * MiB)), os.urandom(9 * MiB), b"end"]
+    path = os.path.join(direct_dir, "f.bin")
+    f = write_pieces(path, pieces)
+    assert f.bytes_from_caller == 0 and not f._direct
+    with open(path, "rb") as check:
+        assert check.read() == b"".join(bytes(p) for p in pieces)
+
+
 def test_a_filesystem_that_refuses_o_direct_gets_the_page_cache_path(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -126,7 +126,9 @@ def _write_all(fd: int, view: memoryview) -> None:
 class _Direct:
     """A local file opened with ``O_DIRECT``: aligned bulk from the caller's memory, the rest staged.
 
-    The bytes on disk so far always end on a block boundary; :attr:`_staged` bytes wait after them.
+    While direct, the bytes on disk so far end on a block boundary and :attr:`_staged` bytes wait
+    after them. If the disk refuses even an aligned staging write (``EINVAL``: a device whose blocks
+    are larger than :data:`BLOCK`), the file drops ``O_DIRECT`` and the rest goes through the page cache.
     """
 
     def __init__(self, fd: int) -> None:
@@ -135,6 +137,7 @@ class _Direct:
         self._staging = memoryview(self._map)
         self._staged = 0
         self._size = 0
+        self._direct = True
         self._from_caller = True  # until the disk refuses the caller's memory
         self.bytes_from_caller = 0  # written straight from the memory handed to write()
 
@@ -142,18 +145,16 @@ class _Direct:
         view = memoryview(data).cast("B")
         n = len(view)
         done = 0
-        if self._from_caller and self._staged % BLOCK == 0 and n >= _FROM_CALLER_MIN:
+        if not self._direct:
+            _write_all(self._fd, self._staging[: self._staged])  # what a refused drain left staged
+            self._staged = 0
+            _write_all(self._fd, view)
+        elif self._from_caller and self._staged % BLOCK == 0 and n >= _FROM_CALLER_MIN:
             self._drain()  # the file now ends on a block boundary, where this write starts
-            bulk = n - n % BLOCK
-            try:
-                while done < bulk:
-                    done += os.write(self._fd, view[done : min(bulk, done + _DIRECT_PIECE)])
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or done % BLOCK:
-                    raise
-                self._from_caller = False  # this memory is not aligned as the disk needs: stage it
+            done = self._write_direct(view[: n - n % BLOCK])
+            self._from_caller = done > 0  # else this memory is not aligned as the disk needs: stage it
             self.bytes_from_caller += done
-        rest = view[done:]
+        rest = view[done:] if self._direct else view[n:]
         while rest:
             take = min(len(rest), _STAGING - self._staged)
             self._staging[self._staged : self._staged + take] = rest[:take]
@@ -164,15 +165,37 @@ class _Direct:
         self._size += n
         return n
 
+    def _write_direct(self, view: memoryview) -> int:
+        """Write whole blocks; how many bytes were written before the disk refused them (EINVAL)."""
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self._fd, view[done : done + _DIRECT_PIECE])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or done % BLOCK:
+                raise
+        return done
+
     def _drain(self) -> None:
         """Write the staged whole blocks; a partial block stays, moved to the front."""
         whole = self._staged - self._staged % BLOCK
         if not whole:
             return
-        _write_all(self._fd, self._staging[:whole])
+        done = self._write_direct(self._staging[:whole])
+        if done < whole:  # refused even aligned: no O_DIRECT for this file after all
+            self._stop_direct()
+            _write_all(self._fd, self._staging[done : self._staged])
+            self._staged = 0
+            return
         left = self._staged - whole  # < BLOCK <= whole: source and destination do not overlap
         self._staging[:left] = self._staging[whole : self._staged]
         self._staged = left
+
+    def _stop_direct(self) -> None:
+        import fcntl  # here, not at the top: Windows has no fcntl (and no O_DIRECT, so never gets here)
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
 
     def flush(self) -> None:
         """Nothing to do: staged bytes are written by :meth:`finish` (torch.save calls this at its end)."""
@@ -181,10 +204,8 @@ class _Direct:
         """Write what is staged, fsync; the file's size."""
         self._drain()
         if self._staged:
-            import fcntl  # here, not at the top: Windows has no fcntl (and no O_DIRECT, so never gets here)
-
             # O_DIRECT writes whole blocks only: the last partial one goes through the page cache.
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self._stop_direct()
             _write_all(self._fd, self._staging[: self._staged])
             self._staged = 0
         os.fsync(self._fd)
