@@ -5,19 +5,21 @@
 rename, directory fsync).
 
 * **Through the page cache** (:class:`_WriteBehind`): small files, and wherever ``O_DIRECT`` is
-  missing or refused (tmpfs, macOS). Writes reach the kernel in 128 KiB slices and the disk starts on
+  missing or refused (macOS, Windows, tmpfs before Linux 6.6, some FUSE filesystems). Writes reach the kernel in 128 KiB slices and the disk starts on
   every 32 MiB written.
 * **Past the page cache** (:class:`_Direct`, ``O_DIRECT``, Linux): large checkpoints. Copying 1 GB
   into the page cache costs the writer 0.30-0.35 s of system CPU on this project's 2-core VM, and a
-  training loop using both cores lost 0.34 s per GB to it; ``O_DIRECT`` writes of the same bytes took
-  0.02 s of CPU, lost ~0.03 s (within noise) and were as fast to durable (0.63 vs 0.69 s). The bytes
+  training loop using both cores lost 0.39 s per GB to it; ``O_DIRECT`` writes of the same bytes took
+  0.02 s of CPU, cost the loop 0.09 s, and were as fast to durable (0.62 vs 0.67 s;
+  ``benchmarks/bench_writer_cost.py``). The bytes
   go to the disk straight from the caller's memory when its address, the file offset and the length
   are all multiples of :data:`BLOCK`: snapshot buffers are page-aligned and bgsave lays tensors out
   on 4 KiB boundaries (:mod:`bgsave.serialize`), so a tensor's bytes are written where they lie.
   Everything else (zip headers, small tensors, the ends of large ones) is gathered in an aligned
   staging buffer and written a block at a time; memory the disk refuses (an ``EINVAL``) is copied
   through it too. The file's last partial block goes through the page cache, as ``O_DIRECT`` writes
-  whole blocks only. The page cache also stays free for what training reads.
+  whole blocks only, and so does the rest of a file whose disk refuses even aligned writes. The
+  page cache also stays free for what training reads.
 """
 
 from __future__ import annotations
