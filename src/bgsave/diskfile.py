@@ -5,8 +5,8 @@
 rename, directory fsync).
 
 * **Through the page cache** (:class:`_WriteBehind`): small files, and wherever ``O_DIRECT`` is
-  missing or refused (macOS, Windows, tmpfs before Linux 6.6, some FUSE filesystems). Writes reach the kernel in 128 KiB slices and the disk starts on
-  every 32 MiB written.
+  missing or refused (macOS, Windows, tmpfs before Linux 6.6, some FUSE filesystems). Writes reach
+  the kernel in 128 KiB slices and the disk starts on every 32 MiB written.
 * **Past the page cache** (:class:`_Direct`, ``O_DIRECT``, Linux): large checkpoints. Copying 1 GB
   into the page cache costs the writer 0.30-0.35 s of system CPU on this project's 2-core VM, and a
   training loop using both cores lost 0.39 s per GB to it; ``O_DIRECT`` writes of the same bytes took
