@@ -16,12 +16,11 @@ import zipfile
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 import bgsave.manager as manager_module
 from _models import Agent, assert_state_equal, state_of
 from bgsave import CheckpointManager, CheckpointWriteError, diskfile, load_checkpoint
-from bgsave.serialize import CRC32_PER_THREAD
+from bgsave.serialize import SETTINGS_PER_THREAD
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT is Linux-only")
 
@@ -59,8 +58,7 @@ def write_pieces(path: str, pieces: list[object]) -> diskfile._Direct:
 
 def test_aligned_bulk_goes_from_the_callers_memory_and_the_rest_is_staged(direct_dir: str) -> None:
     """Headers, a page-aligned 3 MiB + 100 B, small pieces and a last partial block: the file is their concatenation."""
-    rng = torch.Generator().manual_seed(0)
-    raw = [bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=rng).tolist()) for n in (30, 4066)]
+    raw = [os.urandom(30), os.urandom(4066)]
     bulk = page_aligned(os.urandom(3 * MiB + 100))
     tail = os.urandom(12_345)
     path = os.path.join(direct_dir, "f.bin")
@@ -175,7 +173,7 @@ def test_a_large_checkpoint_is_written_directly_and_loads_equal(
     assert len(direct_above_1mib) == 1
     from_caller, size = direct_above_1mib[0]
     assert size == os.path.getsize(path) and from_caller > size // 2
-    if CRC32_PER_THREAD:
+    if SETTINGS_PER_THREAD:
         assert all(offset % diskfile.BLOCK == 0 for offset in data_offsets(path))
     assert_state_equal(expected, load_checkpoint(path))
     assert sorted(os.listdir(os.path.dirname(path))) == ["model_0003.pt", "model_0003.yaml"]

@@ -15,10 +15,10 @@ import torch
 
 from _models import Agent, assert_state_equal, make_optimizer, state_of, train
 from bgsave import CheckpointManager, load_checkpoint
-from bgsave.serialize import CRC32_PER_THREAD
+from bgsave.serialize import SETTINGS_PER_THREAD
 
 pytestmark = pytest.mark.skipif(
-    not CRC32_PER_THREAD, reason="this torch keeps the CRC32 setting process-wide, so bgsave leaves it alone"
+    not SETTINGS_PER_THREAD, reason="this torch keeps the CRC32 setting process-wide, so bgsave leaves it alone"
 )
 
 

@@ -129,8 +129,9 @@ class _Direct:
     """A local file opened with ``O_DIRECT``: aligned bulk from the caller's memory, the rest staged.
 
     While direct, the bytes on disk so far end on a block boundary and :attr:`_staged` bytes wait
-    after them. If the disk refuses even an aligned staging write (``EINVAL``: a device whose blocks
-    are larger than :data:`BLOCK`), the file drops ``O_DIRECT`` and the rest goes through the page cache.
+    after them; once not, nothing is staged. If the disk refuses even an aligned staging write
+    (``EINVAL``: a device whose blocks are larger than :data:`BLOCK`), the file drops ``O_DIRECT``
+    and the rest goes through the page cache.
     """
 
     def __init__(self, fd: int) -> None:
@@ -147,23 +148,21 @@ class _Direct:
         view = memoryview(data).cast("B")
         n = len(view)
         done = 0
-        if not self._direct:
-            _write_all(self._fd, self._staging[: self._staged])  # what a refused drain left staged
-            self._staged = 0
-            _write_all(self._fd, view)
-        elif self._from_caller and self._staged % BLOCK == 0 and n >= _FROM_CALLER_MIN:
+        if self._direct and self._from_caller and self._staged % BLOCK == 0 and n >= _FROM_CALLER_MIN:
             self._drain()  # the file now ends on a block boundary, where this write starts
             done = self._write_direct(view[: n - n % BLOCK])
             self._from_caller = done > 0  # else this memory is not aligned as the disk needs: stage it
             self.bytes_from_caller += done
-        rest = view[done:] if self._direct else view[n:]
-        while rest:
+        rest = view[done:]
+        while rest and self._direct:
             take = min(len(rest), _STAGING - self._staged)
             self._staging[self._staged : self._staged + take] = rest[:take]
             self._staged += take
             rest = rest[take:]
             if self._staged == _STAGING:
                 self._drain()
+        if rest:  # O_DIRECT given up on (nothing is staged then): through the page cache
+            _write_all(self._fd, rest)
         self._size += n
         return n
 
@@ -185,19 +184,20 @@ class _Direct:
             return
         done = self._write_direct(self._staging[:whole])
         if done < whole:  # refused even aligned: no O_DIRECT for this file after all
-            self._stop_direct()
-            _write_all(self._fd, self._staging[done : self._staged])
-            self._staged = 0
+            self._stop_direct(done)
             return
         left = self._staged - whole  # < BLOCK <= whole: source and destination do not overlap
         self._staging[:left] = self._staging[whole : self._staged]
         self._staged = left
 
-    def _stop_direct(self) -> None:
+    def _stop_direct(self, written: int) -> None:
+        """Drop O_DIRECT and write what is staged past ``written`` through the page cache."""
         import fcntl  # here, not at the top: Windows has no fcntl (and no O_DIRECT, so never gets here)
 
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self._direct = False
+        _write_all(self._fd, self._staging[written : self._staged])
+        self._staged = 0
 
     def flush(self) -> None:
         """Nothing to do: staged bytes are written by :meth:`finish` (torch.save calls this at its end)."""
@@ -205,11 +205,8 @@ class _Direct:
     def finish(self) -> int:
         """Write what is staged, fsync; the file's size."""
         self._drain()
-        if self._staged:
-            # O_DIRECT writes whole blocks only: the last partial one goes through the page cache.
-            self._stop_direct()
-            _write_all(self._fd, self._staging[: self._staged])
-            self._staged = 0
+        if self._staged:  # O_DIRECT writes whole blocks only: the last partial one goes through the page cache
+            self._stop_direct(0)
         os.fsync(self._fd)
         return self._size
 

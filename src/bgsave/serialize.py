@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ("CRC32_PER_THREAD", "torch_writer")
+__all__ = ("SETTINGS_PER_THREAD", "torch_writer")
 
 
 def _settings_are_per_thread() -> bool:
@@ -44,13 +44,13 @@ def _settings_are_per_thread() -> bool:
     return all(isinstance(getattr(entry, "user_override", None), contextvars.ContextVar) for entry in held)
 
 
-CRC32_PER_THREAD: bool = _settings_are_per_thread()
+SETTINGS_PER_THREAD: bool = _settings_are_per_thread()
 """Whether this torch keeps its save settings per thread, so that bgsave can choose them for its writes."""
 
 
 @contextmanager
 def _save_settings(crc32: bool, alignment: int | None) -> Iterator[None]:
-    if not CRC32_PER_THREAD:
+    if not SETTINGS_PER_THREAD:
         yield
         return
     from torch.utils.serialization import config
@@ -74,7 +74,7 @@ def torch_writer(obj: Any, *, crc32: bool, alignment: int | None = None) -> Call
         alignment: Where in the file each tensor's bytes may start (a multiple of this); None
             keeps torch's 64 bytes.
 
-    Both apply where torch keeps these settings per thread (:data:`CRC32_PER_THREAD`); elsewhere
+    Both apply where torch keeps these settings per thread (:data:`SETTINGS_PER_THREAD`); elsewhere
     the process's settings stand.
     """
 
