@@ -14,7 +14,8 @@ training time as the suite does (``bench_suite.measure_lost``, round-robin, medi
     The same, starting writeback every 32 MiB with ``sync_file_range`` (what bgsave does locally).
 ``write_direct``
     ``O_DIRECT`` writes of 64 MiB straight from page-aligned memory, then ``fsync``: no page cache,
-    no copy (what bgsave does for a large checkpoint on local disk).
+    no copy (what bgsave does for a large checkpoint on local disk; ``common.disk_writer``, as the
+    suite's ``disk_direct``).
 ``memcpy``
     One ``memcpy`` of the same bytes: memory bandwidth alone.
 
@@ -32,7 +33,6 @@ import argparse
 import ctypes
 import datetime as dt
 import itertools
-import mmap
 import os
 import statistics
 import sys
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 from bench_suite import TrainLoop, measure_lost
-from common import RESULTS_DIR, make_target, write_report
+from common import RESULTS_DIR, disk_writer, make_target, write_report
 from suite_methods import Saver
 
 CHUNK = 128 * 2**10  # as bgsave's local writes
@@ -97,18 +97,7 @@ def methods(nbytes: int, work: Path) -> list[Saver]:
             f.flush()
             os.fsync(f.fileno())
 
-    aligned = mmap.mmap(-1, nbytes)  # page-aligned, as O_DIRECT needs (bgsave's snapshot buffers are)
-    aligned[:] = view
-
-    def direct() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
-        try:
-            with memoryview(aligned) as data:
-                for offset in range(0, nbytes, DIRECT_CHUNK):
-                    os.write(fd, data[offset : offset + DIRECT_CHUNK])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    direct = disk_writer(path, nbytes, DIRECT_CHUNK, direct=True)
 
     def remove() -> None:
         if os.path.exists(path):
