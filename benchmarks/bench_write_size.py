@@ -1,9 +1,9 @@
 """Write size: how the size of each ``write()`` changes the cost of writing a checkpoint to local disk.
 
 ``torch.save`` hands each tensor to ``write()`` in one call (hundreds of MB for a large layer);
-bgsave passes page-cache writes on in slices (``bgsave.diskfile._WRITE_SLICE``). Two sweeps, round-robin,
+bgsave passes page-cache writes on in slices (``bgsave.storage.diskfile._WRITE_SLICE``). Two sweeps, round-robin,
 medians of ``--repeats`` rounds after a warm-up, ``--settle`` seconds after each file is deleted (as
-in ``common.run_rounds``):
+in ``harness.measure.run_rounds``):
 
 ``disk``
     ``--mb`` MiB written from one buffer in writes of each size, then ``fsync``: time and the
@@ -37,15 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, BenchModel, disk_writer, make_target, remove, write_report
+from harness.measure import BenchModel, disk_writer, remove
+from harness.report import RESULTS_DIR, make_target, write_report
 
-import bgsave.diskfile
-import bgsave.manager
 from bgsave import CheckpointManager
+from bgsave.storage import diskfile
+from bgsave.storage.local import direct_writes_from
 
 KiB = 2**10
 DISK_SIZES = [64 * KiB, 128 * KiB, 512 * KiB, 1024 * KiB, 8192 * KiB, 65536 * KiB]
-DIRECT_MIN = bgsave.manager._DIRECT_MIN
 SLICES: list[int | None] = [0, 128 * KiB, 1024 * KiB, None]  # None: O_DIRECT
 
 
@@ -69,11 +69,12 @@ def bgsave_save(manager: CheckpointManager, model: torch.nn.Module, slice_bytes:
     epochs = iter(range(10**9))
 
     def save() -> None:
-        # 0: no slicing (one write per tensor, as torch.save makes them); both are read at each save.
-        bgsave.diskfile._WRITE_SLICE = slice_bytes or 2**62
-        bgsave.manager._DIRECT_MIN = 0 if slice_bytes is None else 2**62
-        manager.save_agent(model, next(epochs))
-        manager.wait()
+        # 0: no slicing (one write per tensor, as torch.save makes them). The slice is the variable
+        # this benchmark sweeps, so it is set on diskfile itself; it is read at each save.
+        diskfile._WRITE_SLICE = slice_bytes or 2**62
+        with direct_writes_from(0 if slice_bytes is None else 2**62):
+            manager.save_agent(model, next(epochs))
+            manager.wait()
 
     return save
 
@@ -86,7 +87,7 @@ def sweep(
     for round_ in range(repeats + 1):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            time.sleep(settle)  # after the previous delete: see common.run_rounds
+            time.sleep(settle)  # after the previous delete: see harness.measure.run_rounds
             sample = measured(cases[name])
             clean()
             if round_ > 0:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--mb and --repeats must be >= 1, --settle >= 0")
     started = dt.datetime.now(dt.timezone.utc)
     target, info = make_target(args.dir, "bench-write-size-", args.mb)
-    default_slice = bgsave.diskfile._WRITE_SLICE
+    default_slice = diskfile._WRITE_SLICE
     try:
         nbytes = args.mb * 2**20
         path = str(target / "disk.bin")
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             clean = lambda: remove(os.path.join(manager.checkpoint_dir, "model_*"))  # noqa: E731
             saves = sweep(cases, clean, args.repeats, args.settle)
     finally:
-        bgsave.diskfile._WRITE_SLICE = default_slice
-        bgsave.manager._DIRECT_MIN = DIRECT_MIN
+        diskfile._WRITE_SLICE = default_slice
         shutil.rmtree(target, ignore_errors=True)
 
     for title, rows in (("disk write + fsync", disk), ("bgsave save_agent + wait", saves)):

@@ -14,6 +14,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import fsspec
@@ -41,6 +42,8 @@ class Agent(nn.Module):
     deterministic for a given ``seed``.
     """
 
+    running: torch.Tensor  # a registered buffer
+
     def __init__(self, width: int = 8, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -53,14 +56,15 @@ class Agent(nn.Module):
         self.history = [torch.randn(3, generator=g), torch.randn(2, generator=g)]
         self.name = "agent"
         self.epsilon = 0.5
-        self.config = {"gamma": 0.99, "layers": [width, width]}
+        self.config: dict[str, Any] = {"gamma": 0.99, "layers": [width, width]}
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
             self.running.copy_(torch.randn(width, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.relu(self.encoder(x)))
+        y: torch.Tensor = self.decoder(torch.relu(self.encoder(x)))
+        return y
 
 
 class GatedAgent(Agent):
@@ -76,7 +80,7 @@ class GatedAgent(Agent):
         self.gate = gate
 
     def __getstate__(self) -> dict[str, Any]:
-        state: dict[str, Any] = super().__getstate__()
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]  # untyped in torch
         return {"gate": state.pop("gate"), **state}
 
 
@@ -107,7 +111,7 @@ _GATES: weakref.WeakValueDictionary[str, _GateState] = weakref.WeakValueDictiona
 
 def _inside_torch_save() -> bool:
     """Whether the current call stack runs inside ``torch.save`` (the writer), as opposed to a snapshot."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if code.co_name in ("save", "_save") and os.path.join("torch", "serialization.py") in code.co_filename:

@@ -61,6 +61,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 import bgsave
+from bgsave.storage.local import direct_writes_from
 
 RUN_NAME = "crash"
 LAYERS = 3
@@ -138,7 +139,7 @@ def _listing(fs: Any, directory: str) -> list[str]:
 
 
 def _temps(names: list[str]) -> list[str]:
-    return sorted(n for n in names if n.startswith(".") and n.endswith(".tmp"))
+    return sorted(n for n in names if n.startswith(".") and n.endswith(".bgsave-tmp"))
 
 
 def _load(url: str) -> Any:
@@ -225,7 +226,8 @@ def child_main(run_dir: str, conn: Connection, env: Mapping[str, str], max_secon
     """Verify the run, resume it and save epoch after epoch until killed, reporting on ``conn``."""
     os.environ.update(env)
     if DIRECT_MIN_ENV in env:  # the harness's own switch: this size and up go through O_DIRECT
-        bgsave.manager._DIRECT_MIN = int(env[DIRECT_MIN_ENV])
+        # Entered for the rest of this child's life (it is killed, never returns).
+        direct_writes_from(int(env[DIRECT_MIN_ENV])).__enter__()
     logging.getLogger("bgsave").setLevel(logging.ERROR)  # the backpressure advice is expected here
     give_up_at = time.monotonic() + max_seconds
     try:
@@ -464,7 +466,9 @@ def _check_kill(record: KillRecord, verified: Mapping[str, Any], seed: int) -> N
         raise CrashCheckError(f"{where}: on local disk, a checkpoint was committed after its writer was killed")
 
 
-def verify_in_fresh_interpreter(run_dir: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> dict:
+def verify_in_fresh_interpreter(
+    run_dir: str, env: Mapping[str, str] | None = None, timeout: float = 120.0
+) -> dict[str, Any]:
     """Run ``python crash_child.py verify RUN_DIR`` (a new interpreter) and return its JSON report."""
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "verify", run_dir],

@@ -1,5 +1,10 @@
 """Bad input, systematically (issue 6, section 6): one table of bad inputs across the API and the CLI.
 
+This is the one place a refusal of a bad argument is tested: a new check gets a row here, not a test
+elsewhere. Other files test what is not a refusal (an accepted value, an error's attributes, damaged files
+read back on every backend), and the value objects' own checks stay with their unit tests
+(``RetentionPolicy`` in test_retention.py, ``RetryPolicy`` in test_storage_contract.py).
+
 Every row runs against a real run directory on local disk that already holds two committed
 checkpoints (epochs 1 and 2) and a trainer state, and checks what a user would:
 
@@ -71,7 +76,7 @@ class Ctx:
     states: dict[int, dict[str, Any]]
     damaged: set[str] = field(default_factory=set)  # files a row damaged on purpose: not checked for loading
     managers: list[CheckpointManager] = field(default_factory=list)
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def checkpoints(self) -> str:
@@ -141,7 +146,12 @@ def read_only_run(ctx: Ctx) -> None:
     if os.geteuid() != 0:
         for p in (Path(ctx.run_dir), Path(ctx.checkpoints)):
             p.chmod(0o555)
-        ctx.cleanups.append(lambda: [p.chmod(0o755) for p in (Path(ctx.run_dir), Path(ctx.checkpoints))])
+
+        def restore() -> None:
+            for p in (Path(ctx.run_dir), Path(ctx.checkpoints)):
+                p.chmod(0o755)
+
+        ctx.cleanups.append(restore)
         return
     mount = ctx.root / "ro"
     mount.mkdir()
@@ -235,13 +245,49 @@ def update_missing_epoch(ctx: Ctx) -> None:
     mgr.wait()
 
 
+def each(
+    prefix: str, act: Callable[[Ctx, Any], Any], values: dict[str, Any], *names: str, shown: bool = True
+) -> list[Any]:
+    """One InvalidArgumentError row per bad value: ``act(ctx, value)``, the message naming ``names``.
+
+    With ``shown`` the message must also hold the value's repr (``got 1.5``).
+    """
+
+    def bind(value: Any) -> Callable[[Ctx], Any]:
+        return lambda c: act(c, value)
+
+    return [
+        row(f"{prefix}-{id_}", bind(value), InvalidArgumentError, *names, *([repr(value)] if shown else []))
+        for id_, value in values.items()
+    ]
+
+
 ROWS = [
     # -- the constructor: names, types, paths, URLs, extras, options
     row("run_name-slash", lambda c: CheckpointManager(c.run_dir, "a/b"), InvalidArgumentError, "run_name", "'a/b'"),
     row("run_name-dotdot", lambda c: CheckpointManager(c.run_dir, ".."), InvalidArgumentError, "run_name", "'..'"),
     row("run_name-empty", lambda c: CheckpointManager(c.run_dir, ""), InvalidArgumentError, "run_name"),
-    row("run_name-not-str", lambda c: CheckpointManager(c.run_dir, 7), InvalidArgumentError, "run_name"),
-    row("run_dir-int", lambda c: CheckpointManager(42, RUN_NAME), InvalidArgumentError, "run_dir", "int"),
+    row("run_name-not-str", lambda c: CheckpointManager(c.run_dir, 7), InvalidArgumentError, "run_name"),  # type: ignore[arg-type]
+    # run names that are paths (they could escape {run_dir}/checkpoints), or blank
+    *each(
+        "run_name",
+        lambda c, v: CheckpointManager(c.run_dir, v),
+        {
+            "blank": "   ",
+            "None": None,
+            "absolute": "/etc/cron.d/x",
+            "dotdot-slash": "../escape",
+            "dotdot-inside": "a/../../b",
+            "slash-dotdot": "a/..",
+            "inner-dotdot": "a..b",
+            "backslash": "a\\b",
+            "dotdot-backslash": "..\\..\\x",
+            "nul": "nul\0byte",
+            "home": "~/x",
+        },
+        "run_name",
+    ),
+    row("run_dir-int", lambda c: CheckpointManager(42, RUN_NAME), InvalidArgumentError, "run_dir", "int"),  # type: ignore[arg-type]
     row("run_dir-empty", lambda c: CheckpointManager("", RUN_NAME), InvalidArgumentError, "run_dir"),
     row(
         "run_dir-is-a-file",
@@ -284,9 +330,19 @@ ROWS = [
         "no_such_option",
     ),
     row("max_pending-negative", lambda c: c.manager(max_pending=-1), InvalidArgumentError, "max_pending"),
+    *each(
+        "max_pending",
+        lambda c, v: c.manager(max_pending=v),
+        {"bool": True, "float": 1.5, "str": "2"},
+        "max_pending",
+    ),
     row("background-str", lambda c: c.manager(background="yes"), InvalidArgumentError, "background"),
+    row("background-int", lambda c: c.manager(background=1), InvalidArgumentError, "background"),
+    row("crc32-str", lambda c: c.manager(crc32="no"), InvalidArgumentError, "crc32", "'no'"),
+    row("retry-int", lambda c: c.manager(retry=3), InvalidArgumentError, "retry", "RetryPolicy"),
     row("keep_last-zero", lambda c: c.manager(keep_last=0), InvalidArgumentError, "keep_last"),
     row("keep_best-without-keep_last", lambda c: c.manager(keep_best=2), InvalidArgumentError, "keep_best"),
+    row("keep_best-negative", lambda c: c.manager(keep_last=2, keep_best=-1), InvalidArgumentError, "keep_best"),
     row("retention-mode", lambda c: c.manager(keep_last=2, mode="best"), InvalidArgumentError, "mode", "'best'"),
     row("retention-metric-empty", lambda c: c.manager(keep_last=2, metric=""), InvalidArgumentError, "metric"),
     row("wandb_run-not-a-run", lambda c: c.manager(wandb_run=object()), InvalidArgumentError, "wandb_run"),
@@ -302,13 +358,37 @@ ROWS = [
     row("epoch-str", lambda c: save(c, "3"), InvalidArgumentError, "epoch", "str"),
     row("epoch-float", lambda c: save(c, 2.0), InvalidArgumentError, "epoch", "float"),
     row("epoch-numpy-float", lambda c: save(c, np.float64(3.0)), InvalidArgumentError, "epoch"),
+    *each("epoch", save, {"fraction": 2.5, "True": True, "False": False, "None": None}, "epoch"),
     row("metadata-not-a-mapping", lambda c: save(c, 3, [("score", 1.0)]), InvalidArgumentError, "metadata"),
+    *each(
+        "metadata",
+        lambda c, v: save(c, 3, v),
+        {"str": "score=1", "int": 3},
+        "metadata",
+        "mapping",
+        shown=False,
+    ),
+    row("metadata-empty-key", lambda c: save(c, 3, {"": 1}), InvalidArgumentError, "metadata", "''"),
+    row("metadata-epoch-contradicts", lambda c: save(c, 3, {"epoch": 4}), InvalidArgumentError, "metadata", "epoch"),
+    row("metadata-epoch-bool", lambda c: save(c, 1, {"epoch": True}), InvalidArgumentError, "metadata", "epoch"),
     row("metadata-list-value", lambda c: save(c, 3, {"layers": [1, 2]}), InvalidArgumentError, "metadata", "layers"),
     row("metadata-object-value", lambda c: save(c, 3, {"cfg": object()}), InvalidArgumentError, "metadata", "cfg"),
     row("metadata-tensor-value", lambda c: save(c, 3, {"w": torch.ones(3)}), InvalidArgumentError, "metadata", "w"),
+    *each(
+        "metadata-value",
+        lambda c, v: save(c, 3, {"weird": v}),
+        {"dict": {"a": 1}, "set": {1, 2}, "tuple": (1, 2), "ndarray": np.array([1.0, 2.0]), "class": Agent},
+        "metadata",
+        "'weird'",
+        shown=False,
+    ),
     row("metadata-non-str-key", lambda c: save(c, 3, {5: 1.0}), InvalidArgumentError, "metadata"),
     row("metadata-score-str", lambda c: save(c, 3, {"score": "high"}), InvalidArgumentError, "score"),
     row("metadata-agent_step-neg", lambda c: save(c, 3, {"agent_step": -5}), InvalidArgumentError, "agent_step"),
+    row("metadata-agent_step-float", lambda c: save(c, 3, {"agent_step": 1.5}), InvalidArgumentError, "agent_step"),
+    row("metadata-agent_step-str", lambda c: save(c, 3, {"agent_step": "10"}), InvalidArgumentError, "agent_step"),
+    row("metadata-avg_reward-list", lambda c: save(c, 3, {"avg_reward": [1.0]}), InvalidArgumentError, "avg_reward"),
+    row("metadata-total_time-str", lambda c: save(c, 3, {"total_time": "1h"}), InvalidArgumentError, "total_time"),
     row("metadata-run-contradicts", lambda c: save(c, 3, {"run": "other"}), InvalidArgumentError, "run", "other"),
     row(
         "unpicklable-agent-new-epoch",
@@ -326,15 +406,35 @@ ROWS = [
     ),
     row(
         "optimizer-without-state_dict",
-        lambda c: c.manager().save_trainer_state(object(), 3, 0),
+        lambda c: c.manager().save_trainer_state(object(), 3, 0),  # type: ignore[arg-type]
         InvalidArgumentError,
         "optimizer",
     ),
+    *each(
+        "optimizer",
+        lambda c, v: c.manager().save_trainer_state(v, 3, 0),
+        {"None": None, "dict": {"state": {}}, "str": "adam"},
+        "optimizer",
+        "state_dict",
+        shown=False,
+    ),
     row(
         "trainer-agent_step-float",
-        lambda c: c.manager().save_trainer_state(make_optimizer(Agent(width=4)), 3, 1.5),
+        lambda c: c.manager().save_trainer_state(make_optimizer(Agent(width=4)), 3, 1.5),  # type: ignore[arg-type]
         InvalidArgumentError,
         "agent_step",
+    ),
+    *each(
+        "trainer-agent_step",
+        lambda c, v: c.manager().save_trainer_state(make_optimizer(Agent(width=4)), 3, v),
+        {"negative": -1},
+        "agent_step",
+    ),
+    *each(
+        "trainer-epoch",
+        lambda c, v: c.manager().save_trainer_state(make_optimizer(Agent(width=4)), v, 0),
+        {"negative": -1, "float": 1.0, "bool": True},
+        "epoch",
     ),
     row(
         "interval-zero",
@@ -342,7 +442,46 @@ ROWS = [
         InvalidArgumentError,
         "interval",
     ),
-    row("update_metadata-no-values", lambda c: c.manager().update_metadata(1), InvalidArgumentError, "update_metadata"),
+    *each(
+        "interval",
+        lambda c, v: c.manager().save_at_interval(Agent(width=4), 4, interval=v),
+        {"negative": -5, "bool": True, "float": 2.0, "str": "5"},
+        "interval",
+    ),
+    row(
+        "save_at_interval-optimizer-without-state_dict",
+        lambda c: c.manager().save_at_interval(Agent(width=4), 4, interval=2, optimizer=object()),  # type: ignore[arg-type]
+        InvalidArgumentError,
+        "optimizer",
+    ),
+    row(
+        "update_metadata-no-values",
+        lambda c: c.manager().update_metadata(1),
+        InvalidArgumentError,
+        "update_metadata",
+        "at least one",
+    ),
+    row(
+        "update_metadata-epoch-negative",
+        lambda c: c.manager().update_metadata(-1, score=1.0),
+        InvalidArgumentError,
+        "epoch",
+        "-1",
+    ),
+    row(
+        "update_metadata-epoch-key",
+        lambda c: c.manager().update_metadata(1, epoch=2),
+        InvalidArgumentError,
+        "metadata",
+        "epoch",
+    ),
+    row(
+        "update_metadata-run-key",
+        lambda c: c.manager().update_metadata(1, run="other"),
+        InvalidArgumentError,
+        "run",
+        "'other'",
+    ),
     row(
         "update_metadata-score-list",
         lambda c: c.manager().update_metadata(1, score=[1.0]),
@@ -351,15 +490,41 @@ ROWS = [
     ),
     row("update_metadata-missing-epoch", update_missing_epoch, CheckpointWriteError, "epoch 7", "model_0007.yaml"),
     row(
+        "handle_sigterm-grace_s-zero",
+        lambda c: c.manager().handle_sigterm(grace_s=0),
+        InvalidArgumentError,
+        "grace_s",
+        "got 0",
+    ),
+    row(
+        "handle_sigterm-final_save-not-callable",
+        lambda c: c.manager().handle_sigterm(final_save="save"),  # type: ignore[arg-type]
+        InvalidArgumentError,
+        "final_save",
+    ),
+    row(
         "start_run-not-callable",
-        lambda c: CheckpointManager(str(c.root / "new"), RUN_NAME).start_run(42),
+        lambda c: CheckpointManager(str(c.root / "new"), RUN_NAME).start_run(42),  # type: ignore[arg-type]
         InvalidArgumentError,
         "make_agent",
     ),
     # -- finding and loading
-    row("min_score-str", lambda c: c.manager().find_checkpoints_by_score("0.5"), InvalidArgumentError, "min_score"),
+    row("min_score-str", lambda c: c.manager().find_checkpoints_by_score("0.5"), InvalidArgumentError, "min_score"),  # type: ignore[arg-type]
+    *each(
+        "min_score",
+        lambda c, v: c.manager().find_checkpoints_by_score(v),
+        {"None": None, "list": [0.5], "bool": True},
+        "min_score",
+    ),
     row("load-epoch-negative", lambda c: c.manager().load_agent(-1), InvalidArgumentError, "epoch"),
+    *each("load-epoch", lambda c, v: c.manager().load_agent(v), {"str": "1", "float": 1.0, "bool": True}, "epoch"),
     row("load-epoch-missing", lambda c: c.manager().load_agent(99), CheckpointNotFoundError, "99", "model_0099.pt"),
+    row(
+        "load_checkpoint-missing-file",
+        lambda c: load_checkpoint(f"{c.checkpoints}/model_0099.pt"),
+        CheckpointNotFoundError,
+        "model_0099.pt",
+    ),
     row(
         "load-corrupt-pt",
         lambda c: c.manager().load_agent(2),
@@ -410,10 +575,17 @@ ROWS = [
         setup=read_only_run,
     ),
     # -- the command line
-    row("cli-unknown-command", lambda c: c.cli("frobnicate", "{run}"), EXIT_USAGE, "frobnicate"),
-    row("cli-unknown-option", lambda c: c.cli("best", "{run}", "--bogus"), EXIT_USAGE, "--bogus"),
+    row("cli-no-command", lambda c: c.cli(), EXIT_USAGE, "required: COMMAND"),
+    row("cli-unknown-command", lambda c: c.cli("frobnicate", "{run}"), EXIT_USAGE, "frobnicate", "invalid choice"),
+    row("cli-unknown-option", lambda c: c.cli("best", "{run}", "--bogus"), EXIT_USAGE, "--bogus", "unrecognized"),
     row("cli-missing-run_dir", lambda c: c.cli("ls"), EXIT_USAGE, "RUN_DIR"),
-    row("cli-keep-last-zero", lambda c: c.cli("prune", "{run}", "--keep-last", "0"), EXIT_USAGE, "--keep-last"),
+    row(
+        "cli-keep-last-zero",
+        lambda c: c.cli("prune", "{run}", "--keep-last", "0"),
+        EXIT_USAGE,
+        "--keep-last: must be an int >= 1",
+    ),
+    row("cli-keep-last-not-int", lambda c: c.cli("prune", "{run}", "--keep-last", "x"), EXIT_USAGE, "--keep-last"),
     row("cli-keep-last-missing", lambda c: c.cli("prune", "{run}"), EXIT_USAGE, "--keep-last"),
     row(
         "cli-keep-best-negative",
@@ -429,12 +601,13 @@ ROWS = [
         "KEY=VALUE",
     ),
     row("cli-run_dir-missing", lambda c: c.cli("ls", "{root}/nowhere"), EXIT_USAGE, "nowhere", "does not exist"),
-    row("cli-run_dir-is-a-file", lambda c: c.cli("latest", a_file(c)), EXIT_USAGE, "a_file", "file"),
+    row("cli-run_dir-is-a-file", lambda c: c.cli("latest", a_file(c)), EXIT_USAGE, "a_file", "is a file"),
     row(
         "cli-unknown-protocol",
         lambda c: c.cli("ls", "nosuchproto://bucket/run"),
         EXIT_USAGE,
         "nosuchproto",
+        "protocol",
     ),
     row(
         "cli-s3-without-s3fs",
@@ -449,6 +622,7 @@ ROWS = [
         EXIT_USAGE,
         "not a checkpoint",
     ),
+    row("cli-show-a-plain-file", lambda c: c.cli("show", a_file(c)), EXIT_USAGE, "a_file", "not a checkpoint"),
     row(
         "cli-show-missing-checkpoint",
         lambda c: c.cli("show", "{ckpt}/model_0042.pt"),

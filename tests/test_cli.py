@@ -101,14 +101,15 @@ def test_ls_json_has_every_checkpoint_with_sidecar_and_file_facts(
 
 
 def test_latest_and_best(run_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """latest prints the newest committed path; best ranks by --metric, --min flips the order."""
+    """latest prints the newest committed path; best ranks by --metric, --mode min flips the order."""
     checkpoints = f"{run_dir}/checkpoints"
     for argv, epoch in [
         (["latest", run_dir], 4),
         (["best", run_dir], 2),
-        (["best", run_dir, "--min"], 4),
+        (["best", run_dir, "--mode", "min"], 4),
+        (["best", run_dir, "--mode", "max"], 2),
         (["best", run_dir, "--metric", "avg_reward"], 3),
-        (["best", run_dir, "--metric", "avg_reward", "--min"], 1),
+        (["best", run_dir, "--metric", "avg_reward", "--mode", "min"], 1),
     ]:
         code, out, err = run_cli(capsys, *argv)
         assert (code, err) == (EXIT_OK, "")
@@ -182,35 +183,6 @@ def test_best_without_a_finite_metric_exits_1(run_dir: str, capsys: pytest.Captu
     assert "finite 'loss'" in err
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        ([], "required: COMMAND"),
-        (["frobnicate", "x"], "invalid choice"),
-        (["ls"], "RUN_DIR"),
-        (["ls", "{tmp}/missing"], "does not exist"),
-        (["ls", "nope://bucket/run"], "protocol"),
-        (["latest", "{tmp}/file.txt"], "is a file"),
-        (["ls", "{tmp}", "--storage-option", "endpoint_url"], "KEY=VALUE"),
-        (["prune", "{tmp}", "--keep-last", "0"], "--keep-last: must be an int >= 1"),
-        (["prune", "{tmp}", "--keep-last", "x"], "--keep-last"),
-        (["prune", "{tmp}", "--keep-last", "2", "--keep-best", "-1"], "--keep-best"),
-        (["prune", "{tmp}"], "--keep-last"),
-        (["show", "{tmp}/missing/model_0001.pt"], "does not exist"),
-        (["show", "{tmp}/file.txt"], "not a checkpoint"),
-        (["best", "{tmp}", "--bogus"], "unrecognized arguments"),
-    ],
-)
-def test_bad_input_exits_2_with_a_message(
-    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Usage errors and bad input (missing dir, unknown protocol, a file as run dir...) exit 2 and say why."""
-    (tmp_path / "file.txt").write_text("not a run")
-    code, out, err = run_cli(capsys, *(a.replace("{tmp}", str(tmp_path)) for a in argv))
-    assert (code, out) == (EXIT_USAGE, "")
-    assert message in err
-
-
 def test_missing_bucket_prefix_exits_2(s3_run_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A bucket URL with nothing under it is a missing run directory, not an empty one."""
     code, _, err = run_cli(capsys, "latest", f"{s3_run_dir}/never-written")
@@ -221,30 +193,39 @@ def test_missing_bucket_prefix_exits_2(s3_run_dir: str, capsys: pytest.CaptureFi
 def test_storage_error_exits_3(
     local_run_dir: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A listing that fails (the real filesystem wrapped to refuse) exits 3 naming the error."""
+    """A listing that fails (the OS's directory listing wrapped to refuse) exits 3 naming the error."""
     make_run(local_run_dir)
-    fs = fsspec.filesystem("file")
-    real_ls = type(fs).ls
+    real_scandir = os.scandir
 
-    def refusing_ls(self: Any, path: str, *args: Any, **kwargs: Any) -> Any:
-        if path.endswith("checkpoints"):
+    def refusing_scandir(path: Any = ".") -> Any:
+        if os.fspath(path).endswith("checkpoints"):
             raise PermissionError(f"permission denied: {path}")
-        return real_ls(self, path, *args, **kwargs)
+        return real_scandir(path)
 
-    monkeypatch.setattr(type(fs), "ls", refusing_ls)
+    # At the OS boundary: fsspec's local ls and bgsave's own listing both scan through it.
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
     code, out, err = run_cli(capsys, "ls", local_run_dir)
     assert (code, out) == (EXIT_STORAGE, "")
     assert "PermissionError" in err
 
 
-def test_show_unreadable_sidecar_exits_3(local_run_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_show_unreadable_sidecar_exits_3(
+    local_run_dir: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     """show of a checkpoint whose sidecar is not YAML: exit 3 naming the sidecar; ls marks it uncommitted."""
     checkpoints = make_run(local_run_dir)
     write(f"{checkpoints}/model_0001.yaml", b"epoch: [unclosed")
     code, _, err = run_cli(capsys, "show", f"{checkpoints}/model_0001.pt")
     assert code == EXIT_STORAGE
-    assert "model_0001.yaml" in err
+    assert err.startswith(f"bgsave: {checkpoints}/model_0001.yaml: not a readable YAML sidecar")
+    assert caplog.records == []  # said once, as the error, not also as a skipped checkpoint
     assert [r["committed"] for r in run_json(capsys, "ls", local_run_dir)][1] is False
+    caplog.clear()
+    code, out, _ = run_cli(capsys, "ls", local_run_dir)
+    assert code == EXIT_OK
+    assert ["model_0001.yaml" in r.getMessage() for r in caplog.records] == [True]  # the YAML error in full
+    assert f"* epoch 1: sidecar unreadable: {checkpoints}/model_0001.yaml: not a readable YAML sidecar" in out
+    assert sum(line.rstrip().endswith("no*") for line in out.splitlines()) == 1
 
 
 # ---- prune --------------------------------------------------------------------------------------
@@ -270,12 +251,39 @@ def test_prune_dry_run_then_prune(run_dir: str, capsys: pytest.CaptureFixture[st
 
 
 def test_prune_min_mode_by_metric(local_run_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """--metric and --min choose which checkpoints count as best."""
+    """--metric and --mode min choose which checkpoints count as best."""
     make_run(local_run_dir)
-    result = run_json(
-        capsys, "prune", local_run_dir, "--keep-last", "1", "--keep-best", "3", "--metric", "avg_reward", "--min"
-    )
+    argv = ["prune", local_run_dir, "--keep-last", "1", "--keep-best", "3", "--metric", "avg_reward"]
+    result = run_json(capsys, *argv, "--mode", "min", "--dry-run")
     assert [r["epoch"] for r in result["kept"]] == [0, 1, 4]
+    assert [r["epoch"] for r in run_json(capsys, *argv, "--dry-run")["kept"]] == [0, 2, 3, 4]
+    result = run_json(capsys, *argv, "--mode", "min")
+    assert [r["epoch"] for r in result["kept"]] == [0, 1, 4]
+    assert [r["epoch"] for r in run_json(capsys, "ls", local_run_dir) if r["committed"]] == [0, 1, 4]
+
+
+@pytest.mark.parametrize("command", ["best", "prune"])
+def test_min_flag_is_a_deprecated_alias_of_mode_min(
+    command: str, local_run_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The old --min still means --mode min, with a deprecation note on stderr; --help says it is deprecated."""
+    make_run(local_run_dir)
+    extra = ["--keep-last", "1", "--keep-best", "1", "--dry-run"] if command == "prune" else []
+    argv = [command, local_run_dir, *extra, "--metric", "avg_reward", "--json"]
+    code, old, err = run_cli(capsys, *argv, "--min")
+    assert code == EXIT_OK
+    assert err == "bgsave: --min is deprecated, use --mode min (it will be removed in a later release)\n"
+    code, new, err = run_cli(capsys, *argv, "--mode", "min")
+    assert (code, err) == (EXIT_OK, "")
+    assert json.loads(old) == json.loads(new)
+
+    code, out, err = run_cli(capsys, *argv, "--min", "--mode", "max")
+    assert (code, out) == (EXIT_USAGE, "")
+    assert "not allowed with argument" in err
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == EXIT_OK
+    assert "--mode {max,min}" in out
+    assert "deprecated: use --mode min" in out
 
 
 # ---- through the console entry point, in a fresh process ---------------------------------------

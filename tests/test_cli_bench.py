@@ -26,8 +26,8 @@ import fsspec
 import pytest
 import torch
 
-from bgsave import CheckpointManager, bench, find_latest_checkpoint
-from bgsave.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE, EXIT_USAGE, main
+from bgsave import CheckpointManager, find_latest_checkpoint
+from bgsave.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE, EXIT_USAGE, bench, main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +87,7 @@ def test_json_on_each_backend_leaves_the_users_run_as_it_was(
     assert report["target"].rstrip("/").endswith(any_run_dir.split("://", 1)[-1].rstrip("/"))
     check_results(report["results"], [1], 1)
     assert contents(any_run_dir) == before
-    assert find_latest_checkpoint(f"{any_run_dir}/checkpoints").endswith("model_0002.pt")
+    assert str(find_latest_checkpoint(f"{any_run_dir}/checkpoints")).endswith("model_0002.pt")
 
 
 def test_table_plain_and_with_rich(

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-import bgsave.manager as manager_module
 from bgsave import CheckpointManager, CheckpointWriteError, load_checkpoint
+from bgsave.storage.local import DIRECT_MIN, direct_writes_from
 
 SIZE_MB = 8
 
@@ -42,18 +42,14 @@ def _agent(megabytes: float, value: float) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
-def test_full_disk_fails_cleanly_and_recovers(
-    small_fs: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, direct: bool
-) -> None:
+def test_full_disk_fails_cleanly_and_recovers(small_fs: str, caplog: pytest.LogCaptureFixture, direct: bool) -> None:
     """ENOSPC mid-write: error names the epoch, no temp left, earlier files load, the next save works.
 
     ``o-direct``: checkpoints of 1 MiB or more take the O_DIRECT path (tmpfs takes it since Linux 6.6;
     elsewhere the page-cache fallback runs the same test).
     """
-    if direct:
-        monkeypatch.setattr(manager_module, "_DIRECT_MIN", 2**20)
     run_dir = os.path.join(small_fs, "run")
-    with CheckpointManager(run_dir, "full") as mgr:
+    with direct_writes_from(2**20 if direct else DIRECT_MIN), CheckpointManager(run_dir, "full") as mgr:
         optimizer = torch.optim.SGD(_agent(0.1, 0.0).parameters(), lr=0.1)
         mgr.save_agent(_agent(1, 1.0), 1, {"score": 1.0})
         mgr.save_trainer_state(optimizer, 1, 10)

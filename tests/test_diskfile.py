@@ -13,14 +13,15 @@ import os
 import struct
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
-import bgsave.manager as manager_module
 from _models import Agent, assert_state_equal, state_of
-from bgsave import CheckpointManager, CheckpointWriteError, diskfile, load_checkpoint
+from bgsave import CheckpointManager, CheckpointWriteError, load_checkpoint
 from bgsave.serialize import SETTINGS_PER_THREAD
+from bgsave.storage import diskfile
+from bgsave.storage.local import direct_writes_from
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT is Linux-only")
 
@@ -46,13 +47,13 @@ def direct_dir(tmp_path: os.PathLike[str]) -> str:
     return os.fspath(tmp_path)
 
 
-def write_pieces(path: str, pieces: list[object]) -> diskfile._Direct:
+def write_pieces(path: str, pieces: Sequence[bytes | memoryview]) -> diskfile._Direct:
     with diskfile.create(path, direct=True) as f:
         assert isinstance(f, diskfile._Direct)
         for piece in pieces:
-            assert f.write(piece) == memoryview(piece).nbytes  # type: ignore[arg-type]
+            assert f.write(piece) == memoryview(piece).nbytes
         f.flush()
-        assert f.finish() == sum(memoryview(p).nbytes for p in pieces)  # type: ignore[arg-type]
+        assert f.finish() == sum(memoryview(p).nbytes for p in pieces)
     return f
 
 
@@ -90,13 +91,18 @@ def test_a_disk_that_refuses_even_aligned_writes_gets_the_rest_through_the_page_
 
     real_write = os.write
 
-    def refusing(fd: int, data: object) -> int:
+    def refusing(fd: int, data: bytes | memoryview) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)  # type: ignore[arg-type]
+        return real_write(fd, data)
 
-    monkeypatch.setattr(diskfile.os, "write", refusing)
-    pieces = [os.urandom(5000), page_aligned(os.urandom(3 * MiB)), os.urandom(9 * MiB), b"end"]
+    monkeypatch.setattr(os, "write", refusing)  # the os module diskfile writes through
+    pieces: list[bytes | memoryview] = [
+        os.urandom(5000),
+        page_aligned(os.urandom(3 * MiB)),
+        os.urandom(9 * MiB),
+        b"end",
+    ]
     path = os.path.join(direct_dir, "f.bin")
     f = write_pieces(path, pieces)
     assert f.bytes_from_caller == 0 and not f._direct
@@ -121,7 +127,7 @@ def test_a_filesystem_that_refuses_o_direct_gets_the_page_cache_path(
             raise OSError(errno.EINVAL, "Invalid argument", path)
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr(diskfile.os, "open", refusing)
+    monkeypatch.setattr(os, "open", refusing)  # the os module diskfile opens through
     path = os.path.join(os.fspath(tmp_path), "f.bin")
     with diskfile.create(path, direct=True) as f:
         assert isinstance(f, diskfile._WriteBehind)
@@ -135,7 +141,6 @@ def test_a_filesystem_that_refuses_o_direct_gets_the_page_cache_path(
 @pytest.fixture
 def direct_above_1mib(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
     """Managers write snapshots of 1 MiB or more directly; yields (bytes from caller memory, size) per file."""
-    monkeypatch.setattr(manager_module, "_DIRECT_MIN", MiB)
     finished: list[tuple[int, int]] = []
     real = diskfile._Direct.finish
 
@@ -145,7 +150,8 @@ def direct_above_1mib(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[in
         return size
 
     monkeypatch.setattr(diskfile._Direct, "finish", finish)
-    yield finished
+    with direct_writes_from(MiB):
+        yield finished
 
 
 def data_offsets(path: str) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def files(run_dir: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").iterdir()}
 
 
-def sidecars(run_dir: Path) -> dict[int, dict[str, object]]:
+def sidecars(run_dir: Path) -> dict[int, dict[str, Any]]:
     with CheckpointManager(run_dir, run_dir.name) as mgr:
         return {info.epoch: dict(info.sidecar) for info in mgr.checkpoints()}
 

@@ -162,7 +162,7 @@ def test_save_at_interval_saves_only_multiples_of_the_interval(
     state = mgr.load_trainer_state()
     assert state is not None
     assert (state["epoch"], state["agent_step"]) == (10, 100)
-    assert read_sidecar(returned[5])["score"] == 0.5
+    assert read_sidecar(str(returned[5]))["score"] == 0.5
 
 
 def test_optimizer_state_is_restored(run_dir: str, mgr_factory: Callable[..., CheckpointManager]) -> None:
@@ -282,7 +282,7 @@ def test_find_and_load_right_after_save_see_it(any_run_dir: str, mgr_factory: Ca
     assert_state_equal(state_of(Agent(seed=3)), mgr.load_agent())
 
     mgr.save_agent(Agent(seed=4), 4, {"score": 0.99})
-    assert mgr.find_best_checkpoint().endswith("model_0004.pt")
+    assert str(mgr.find_best_checkpoint()).endswith("model_0004.pt")
 
     mgr.save_agent(Agent(seed=5), 5, {"score": 0.5})
     assert [p.rsplit("/", 1)[-1] for p in mgr.find_checkpoints_by_score(0.9)] == [
@@ -308,7 +308,7 @@ def test_a_read_waits_for_the_write_in_progress(
     mgr.wait()
     gate = Gate()
     agent = Agent(seed=2)
-    agent.gate = gate
+    agent.gate = gate  # type: ignore[assignment]  # torch types module attributes as Tensor | Module
     try:
         path = mgr.save_agent(agent, 2)
         assert gate.wait_entered()
@@ -356,7 +356,7 @@ def test_backpressure_blocks_bounds_snapshots_and_warns_once(
     mgr = mgr_factory(local_run_dir, "bp", max_pending=1)
     gate = Gate()
     agent = Agent()
-    agent.gate = gate
+    agent.gate = gate  # type: ignore[assignment]  # torch types module attributes as Tensor | Module
 
     def snapshots_alive_at_most() -> int:
         # Copies taken minus writes that got past the gate: an upper bound on the copies alive,
@@ -539,7 +539,7 @@ def trainer_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_trainer_state_from_another_epoch_logs_a_warning_naming_both(
     local_run_dir: str, mgr_factory: Callable[..., CheckpointManager], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A trainer state of another epoch than the latest agent: load_trainer_state and start_run warn naming both."""
+    """Trainer state of another epoch: load_trainer_state returns it, start_run withholds it; each warns naming both."""
     caplog.set_level(logging.WARNING, logger="bgsave")
     mgr = mgr_factory(local_run_dir, "mismatch")
     agent = Agent()
@@ -559,8 +559,7 @@ def test_trainer_state_from_another_epoch_logs_a_warning_naming_both(
     caplog.clear()
     start = mgr_factory(local_run_dir, "mismatch").start_run(Agent)
     assert start.epoch == 7
-    # Never silently mixed: start_run may hand the older state back (as saved) or withhold it, but it warns.
-    assert start.trainer_state is None or start.trainer_state["epoch"] == 3
+    assert start.trainer_state is None  # never mixed in: a state of another epoch is withheld, with a warning
     warnings = trainer_warnings(caplog)
     assert len(warnings) == 1
     assert re.search(r"\b3\b", warnings[0])

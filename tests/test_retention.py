@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from bgsave import sidecar as sidecar_schema
+from bgsave.catalog import Catalog, CheckpointInfo
 from bgsave.errors import CheckpointWriteError, InvalidArgumentError
-from bgsave.index import CheckpointInfo, checkpoint_name, list_checkpoints
-from bgsave.retention import RetentionPolicy, prune
-from bgsave.storage import Storage
+from bgsave.layout import checkpoint_name
+from bgsave.policies import RetentionPolicy
+from bgsave.storage import Storage, open_storage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,7 +66,7 @@ def test_keep_best_ranks_by_the_named_metric() -> None:
 
 
 def test_best_ties_go_to_the_later_epoch() -> None:
-    """Equal scores: the later epoch wins the last best slot, as bgsave.index.best picks."""
+    """Equal scores: the later epoch wins the last best slot, as bgsave.catalog.rank picks."""
     infos = [info(0, 0.9), info(1, 0.9), info(2, 0.9), info(3, 0.1), info(4, 0.0)]
     assert epochs(RetentionPolicy(keep_last=1, keep_best=2).to_keep(infos)) == [1, 2, 4]
 
@@ -171,15 +172,36 @@ def write_checkpoint(storage: Storage, directory: str, epoch: int, score: float 
     storage.write_bytes_atomic(Storage.join_dir(directory, checkpoint_name(epoch, "yaml")), data)
 
 
+def list_checkpoints(storage: Storage, directory: str) -> list[CheckpointInfo]:
+    """The committed checkpoints, read afresh."""
+    return Catalog(storage, directory).committed()
+
+
+def prune(
+    storage: Storage,
+    directory: str,
+    infos: list[CheckpointInfo],
+    policy: RetentionPolicy,
+    *,
+    protect: range | tuple[int, ...] = (),
+    dry_run: bool = False,
+) -> list[CheckpointInfo]:
+    """What the manager's writer and ``bgsave prune`` do: the policy decides, the catalog deletes."""
+    doomed = policy.to_delete(infos, protect=protect)
+    if not dry_run:
+        Catalog(storage, directory).remove(doomed)
+    return doomed
+
+
 def contents(storage: Storage, directory: str) -> dict[str, bytes]:
-    names = storage.list_sizes(directory)
+    names = storage.list_files(directory)
     return {name: storage.read_bytes(Storage.join_dir(directory, name)) for name in names}
 
 
 @pytest.fixture
 def run(any_run_dir: str) -> tuple[Storage, str]:
     """Six committed checkpoints (scores 0.3, 0.9, 0.1, 0.8, 0.2, 0.0) on each backend."""
-    storage = Storage(any_run_dir)
+    storage = open_storage(any_run_dir)
     directory = storage.join("checkpoints")
     for epoch, score in enumerate([0.3, 0.9, 0.1, 0.8, 0.2, 0.0]):
         write_checkpoint(storage, directory, epoch, score)
@@ -213,7 +235,7 @@ def test_prune_deletes_each_sidecar_before_its_pt(run: tuple[Storage, str], monk
     assert epochs(deleted) == [0, 2, 3]
     assert calls == [checkpoint_name(e, s) for e in (0, 2, 3) for s in ("yaml", "pt")]
     assert epochs(list_checkpoints(storage, directory)) == [1, 4, 5]
-    assert sorted(storage.list_sizes(directory)) == sorted(
+    assert sorted(storage.list_files(directory)) == sorted(
         checkpoint_name(e, s) for e in (1, 4, 5) for s in ("pt", "yaml")
     )
     for epoch in (1, 4, 5):
@@ -234,7 +256,7 @@ def test_failure_between_sidecar_and_pt_leaves_nothing_committed_without_weights
 
     assert caught.value.epoch == 2
     assert isinstance(caught.value.__cause__, OSError)
-    names = storage.list_sizes(directory)
+    names = storage.list_files(directory)
     assert checkpoint_name(2, "pt") in names  # left behind, but uncommitted
     assert epochs(list_checkpoints(storage, directory)) == [1, 3, 4, 5]
     for listed in list_checkpoints(storage, directory):
@@ -270,7 +292,7 @@ def test_nothing_to_delete_touches_no_file(run: tuple[Storage, str], monkeypatch
 
 def test_prune_leaves_uncommitted_files_alone(local_run_dir: str) -> None:
     """A .pt without a sidecar (maybe a save in progress) and foreign files are never pruned."""
-    storage = Storage(local_run_dir)
+    storage = open_storage(local_run_dir)
     directory = storage.join("checkpoints")
     for epoch in range(4):
         write_checkpoint(storage, directory, epoch, 0.5)
@@ -279,7 +301,7 @@ def test_prune_leaves_uncommitted_files_alone(local_run_dir: str) -> None:
 
     prune(storage, directory, list_checkpoints(storage, directory), RetentionPolicy(keep_last=1))
 
-    assert sorted(storage.list_sizes(directory)) == [
+    assert sorted(storage.list_files(directory)) == [
         "model_0000.pt",
         "model_0001.yaml.bak",
         "model_0003.pt",

@@ -20,7 +20,7 @@ import torch
 
 import bgsave
 import bgsave.storage
-from bgsave.storage import RetryPolicy, Storage
+from bgsave.storage import RetryPolicy, open_storage
 from faulty_s3 import FaultyS3
 from test_storage_contract import Policy, same_state
 
@@ -41,8 +41,7 @@ def faulty(s3_endpoint: str) -> Iterator[FaultyS3]:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bgsave retries 3 times with millisecond waits; s3fs and botocore do not retry at all."""
-    monkeypatch.setattr(bgsave.storage, "DEFAULT_RETRY", FAST)
+    """s3fs and botocore do not retry at all (bgsave's own retries are given to each manager: FAST)."""
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
 
 
@@ -118,7 +117,7 @@ def test_transient_faults_are_retried_and_the_checkpoint_lands(
     faulty.fail(op, action, times=2, key="model_0001")
     with (
         caplog.at_level(logging.WARNING, logger="bgsave.storage"),
-        bgsave.CheckpointManager(run_dir, "transient", storage_options=options) as mgr,
+        bgsave.CheckpointManager(run_dir, "transient", storage_options=options, retry=FAST) as mgr,
     ):
         url = mgr.save_agent(agent, 1, {"agent_step": 10, "score": 0.5})
         mgr.wait()
@@ -140,7 +139,7 @@ def test_persistent_faults_fail_the_save_and_leave_nothing(
 ) -> None:
     """Every part upload of epoch 2 fails: wait() raises naming epoch and URL; epoch 1 still loads."""
     first = Policy(seed=1)
-    with bgsave.CheckpointManager(run_dir, "persistent", storage_options=options) as mgr:
+    with bgsave.CheckpointManager(run_dir, "persistent", storage_options=options, retry=FAST) as mgr:
         mgr.save_agent(first, 1, {"agent_step": 10})
         mgr.wait()
         faulty.fail("UploadPart", action, key="model_0002")
@@ -168,7 +167,7 @@ def test_an_outage_on_every_request_leaves_the_earlier_checkpoint(
 ) -> None:
     """Every request touching epoch 2's keys fails: the error reaches wait(), epoch 1 is untouched."""
     first = Policy(seed=1)
-    with bgsave.CheckpointManager(run_dir, "outage", storage_options=options) as mgr:
+    with bgsave.CheckpointManager(run_dir, "outage", storage_options=options, retry=FAST) as mgr:
         mgr.save_agent(first, 1, {"agent_step": 10})
         mgr.wait()
         faulty.fail("*", "503", key="model_0002")
@@ -186,7 +185,7 @@ def test_the_upload_error_reaches_the_caller_when_cleanup_fails_too(
     run_dir: str, options: dict[str, Any], faulty: FaultyS3
 ) -> None:
     """When the .pt upload fails and so does deleting it afterwards, wait() reports the upload failure."""
-    with bgsave.CheckpointManager(run_dir, "cleanup", storage_options=options) as mgr:
+    with bgsave.CheckpointManager(run_dir, "cleanup", storage_options=options, retry=FAST) as mgr:
         mgr.save_agent(Policy(seed=1), 1, {"agent_step": 10})
         mgr.wait()
         faulty.fail("UploadPart", "503", key="model_0002.pt")
@@ -200,7 +199,7 @@ def test_the_upload_error_reaches_the_caller_when_cleanup_fails_too(
 
 def test_a_failed_abort_is_retried(run_dir: str, options: dict[str, Any], faulty: FaultyS3, clean: Any) -> None:
     """When aborting the failed upload itself fails once, it is retried: no multipart upload leaks."""
-    storage = Storage(run_dir, options)
+    storage = open_storage(run_dir, options, retry=FAST)
     faulty.fail("UploadPart", "503")
     faulty.fail("AbortMultipartUpload", "503", times=1)
     with pytest.raises(OSError, match="after 3 attempts"):
@@ -216,10 +215,10 @@ def test_access_denied_fails_at_once(
     run_dir: str, options: dict[str, Any], faulty: FaultyS3, clean: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 403 on the upload is not retried (the long backoff set here is never waited) and names the URL."""
-    monkeypatch.setattr(bgsave.storage, "DEFAULT_RETRY", RetryPolicy(attempts=5, initial_delay=20.0))
     faulty.fail("CreateMultipartUpload", "403", key="model_0003")
     faulty.fail("PutObject", "403", key="model_0003")
-    with bgsave.CheckpointManager(run_dir, "denied", storage_options=options) as mgr:
+    slow = RetryPolicy(attempts=5, initial_delay=20.0)
+    with bgsave.CheckpointManager(run_dir, "denied", storage_options=options, retry=slow) as mgr:
         started = time.monotonic()
         url = mgr.save_agent(Policy(), 3, {"agent_step": 30})
         with pytest.raises(bgsave.CheckpointWriteError) as info:
@@ -239,7 +238,7 @@ def test_access_denied_fails_at_once(
 def test_a_missing_bucket_fails_at_once(options: dict[str, Any], faulty: FaultyS3) -> None:
     """Writing into a bucket that does not exist fails at once with FileNotFoundError naming the URL."""
     faulty.clear()
-    storage = Storage("s3://bgsave-no-such-bucket/run", options, retry=RetryPolicy(attempts=5, initial_delay=20.0))
+    storage = open_storage("s3://bgsave-no-such-bucket/run", options, retry=RetryPolicy(attempts=5, initial_delay=20.0))
     storage.makedirs(storage.join("checkpoints"))  # never creates the bucket
     url = "s3://bgsave-no-such-bucket/run/model_0001.pt"
     with pytest.raises(FileNotFoundError, match=url):
@@ -252,7 +251,7 @@ def test_a_missing_bucket_fails_at_once(options: dict[str, Any], faulty: FaultyS
 # ---- reading: retried, and in few requests ------------------------------------------------
 def test_reads_retry_transient_faults(run_dir: str, options: dict[str, Any], faulty: FaultyS3) -> None:
     """Listing, a sidecar batch, a whole file and a streamed torch.load all survive transient faults."""
-    storage = Storage(run_dir, options)
+    storage = open_storage(run_dir, options, retry=FAST)
     agent = Policy(seed=3)
     pt = storage.join("model.pt")
     storage.write_atomic(pt, lambda f: torch.save(agent, f))
@@ -262,19 +261,22 @@ def test_reads_retry_transient_faults(run_dir: str, options: dict[str, Any], fau
     faulty.clear()
 
     faulty.fail("ListObjectsV2", "503", times=2)
-    assert set(storage.list_sizes(storage.root)) == {"model.pt", "s0.yaml", "s1.yaml", "s2.yaml"}
+    assert set(storage.list_files(storage.root)) == {"model.pt", "s0.yaml", "s1.yaml", "s2.yaml"}
     faulty.fail("GetObject", "reset", times=2, key="s1.yaml")
     assert storage.read_many(sidecars) == {p: b"epoch: %d\n" % i for i, p in enumerate(sidecars)}
     faulty.fail("GetObject", "500", times=2, key="model.pt")
-    assert len(storage.read_bytes(pt)) == storage.list_sizes(storage.root)["model.pt"]
+    assert len(storage.read_bytes(pt)) == storage.list_files(storage.root)["model.pt"].size
     faulty.fail("GetObject", "503", times=2, key="model.pt")
     assert same_state(storage.read_with(pt, lambda f: torch.load(f, weights_only=False)), agent)
     assert faulty.count(faulted=True) == 8
 
 
 def test_reading_a_run_costs_few_requests(run_dir: str, options: dict[str, Any], faulty: FaultyS3) -> None:
-    """Finding checkpoints is one listing plus one GET per sidecar; a large .pt loads in 32 MiB reads."""
-    with bgsave.CheckpointManager(run_dir, "requests", storage_options=options) as mgr:
+    """The writing manager finds its latest in one listing and no GET; a fresh reader in one listing and one GET.
+
+    Listing everything reads each sidecar once, in a batch; a large .pt loads in 32 MiB reads.
+    """
+    with bgsave.CheckpointManager(run_dir, "requests", storage_options=options, retry=FAST) as mgr:
         for epoch in (1, 2, 3):
             mgr.save_agent(Policy(seed=epoch), epoch, {"agent_step": epoch, "score": float(epoch)})
         big = torch.nn.Linear(2600, 2600)  # ~27 MB of weights
@@ -284,8 +286,22 @@ def test_reading_a_run_costs_few_requests(run_dir: str, options: dict[str, Any],
         latest = mgr.find_latest_checkpoint()
         assert latest is not None and latest.endswith("model_0004.pt")
         assert faulty.count("ListObjectsV2") == 1
-        assert faulty.count("GetObject") == 4
+        assert faulty.count("GetObject") == 0  # it knows the sidecars it wrote
         assert faulty.count("HeadObject") == 0
+
+        reader = bgsave.CheckpointManager(run_dir, "requests", storage_options=options, retry=FAST)
+        faulty.clear()
+        assert reader.find_latest_checkpoint() == latest
+        assert (faulty.count("ListObjectsV2"), faulty.count("GetObject"), faulty.count("HeadObject")) == (1, 1, 0)
+        faulty.clear()
+        assert [info.epoch for info in reader.checkpoints()] == [1, 2, 3, 4]
+        assert (faulty.count("ListObjectsV2"), faulty.count("GetObject")) == (1, 3)  # the three it had not read
+        faulty.clear()
+        best = reader.find_best_checkpoint()
+        assert best is not None and best.endswith("model_0003.pt")
+        assert reader.find_latest_checkpoint() == latest
+        assert (faulty.count("ListObjectsV2"), faulty.count("GetObject")) == (2, 0)  # each sidecar read once
+        reader.close()
 
         faulty.clear()
         loaded = mgr.load_agent()
@@ -299,7 +315,10 @@ def test_reading_a_run_costs_few_requests(run_dir: str, options: dict[str, Any],
 def _client_error(status: int, code: str) -> Exception:
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+    error: Exception = ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+    )
+    return error
 
 
 def _translated(status: int, code: str) -> Exception:

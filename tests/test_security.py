@@ -30,7 +30,6 @@ from _models import Agent
 from bgsave import (
     CheckpointManager,
     CheckpointWriteError,
-    InvalidArgumentError,
     find_latest_checkpoint,
     load_checkpoint,
 )
@@ -220,22 +219,11 @@ def test_a_reading_manager_never_unpickles_the_trainer_state_until_asked(run_dir
 
 
 # ---- names cannot escape {run_dir}/checkpoints ----------------------------------------------------------
+# (run names that are paths are refused: rows run_name-* of test_bad_input_table.py)
 
 
 def files_under(root: Path) -> set[str]:
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
-
-
-@pytest.mark.parametrize(
-    "run_name",
-    ["../escape", "..", "a/../../b", "/etc/cron.d/x", "..\\..\\x", "sub/dir", "nul\0byte", "~/x", "a/.."],
-)
-def test_a_run_name_that_is_a_path_is_refused(tmp_path: Path, run_name: str) -> None:
-    """run_name with a separator, '..' or NUL is refused before anything is created."""
-    before = files_under(tmp_path)
-    with pytest.raises(InvalidArgumentError, match="run_name"):
-        CheckpointManager(str(tmp_path / "run"), run_name)
-    assert files_under(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -268,13 +256,13 @@ def test_any_valid_epoch_writes_inside_checkpoints(tmp_path: Path, epoch: int) -
 
 
 def test_a_symlink_planted_at_the_temp_name_is_not_followed(run_dir: str, tmp_path: Path) -> None:
-    """Someone who can write checkpoints/ plants .model_0003.pt.tmp -> a file elsewhere: bgsave never writes there."""
+    """A symlink planted at the temp name (.model_0003.pt.bgsave-tmp -> elsewhere) is never written through."""
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     with CheckpointManager(run_dir, "sec") as mgr:
         mgr.save_agent(Agent(width=4), 2)
         mgr.wait()
-        os.symlink(victim, Path(run_dir) / "checkpoints" / ".model_0003.pt.tmp")
+        os.symlink(victim, Path(run_dir) / "checkpoints" / ".model_0003.pt.bgsave-tmp")
         mgr.save_agent(Agent(width=4), 3)
     assert victim.read_bytes() == b"precious"
     assert not os.path.islink(Path(run_dir) / "checkpoints" / "model_0003.pt")
@@ -314,7 +302,9 @@ def leaks(text: str) -> list[str]:
 
 def everything_said(exc: BaseException) -> str:
     """An exception's message, its causes' and contexts' messages and reprs, and the formatted traceback."""
-    out, seen, todo = [], set(), [exc]
+    out: list[str] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:

@@ -54,7 +54,9 @@ def test_checkpoints_are_written_without_crc32_by_default(run_dir: str) -> None:
             assert set(tensor_crcs(url)) == {0}, url
             assert archive(url).testzip() is not None  # zipfile checks CRCs: it reports the first record
         assert_state_equal(expected, load_checkpoint(pt))
-        assert mgr.load_trainer_state()["epoch"] == 1
+        trainer_state_loaded = mgr.load_trainer_state()
+        assert trainer_state_loaded is not None
+        assert trainer_state_loaded["epoch"] == 1
 
 
 def test_crc32_true_writes_the_crcs_that_zip_tools_check(run_dir: str) -> None:

@@ -198,7 +198,7 @@ def test_foreign_temp_and_uncommitted_files_are_ignored(mgr: CheckpointManager) 
     write = plant(mgr)
     pt = tiny_pt()
     sidecar = yaml.safe_dump({"epoch": 10, "agent_step": 0, "score": 99.0, "run": "side"}).encode()
-    write(".model_0010.pt.tmp", pt)  # a temp file from an interrupted save
+    write(".model_0010.pt.bgsave-tmp", pt)  # a temp file from an interrupted save
     write(".model_0010.yaml.tmp", sidecar)
     write("model_abc.pt", pt)
     write("model_abc.yaml", sidecar)
@@ -290,10 +290,10 @@ def test_a_missing_or_non_numeric_metric_is_skipped_for_that_metric(mgr: Checkpo
         sidecar["score"] = score
     write("model_0002.yaml", yaml.safe_dump(sidecar).encode())
 
-    assert mgr.find_latest_checkpoint().endswith("model_0002.pt")
+    assert str(mgr.find_latest_checkpoint()).endswith("model_0002.pt")
     assert mgr.find_best_checkpoint() == best
     assert mgr.find_checkpoints_by_score(-1e9) == [best]
-    assert mgr.find_best_checkpoint("avg_reward").endswith("model_0002.pt")  # other metrics still count
+    assert str(mgr.find_best_checkpoint("avg_reward")).endswith("model_0002.pt")  # other metrics still count
 
 
 def test_non_finite_scores_are_stored_but_never_best(mgr: CheckpointManager) -> None:
@@ -310,7 +310,7 @@ def test_non_finite_scores_are_stored_but_never_best(mgr: CheckpointManager) -> 
     assert math.isnan(read_yaml(mgr, 5)["score"])
     assert mgr.find_best_checkpoint() == finite
     assert mgr.find_checkpoints_by_score(0.0) == [finite]
-    assert mgr.find_latest_checkpoint().endswith("model_0005.pt")  # still committed checkpoints
+    assert str(mgr.find_latest_checkpoint()).endswith("model_0005.pt")  # still committed checkpoints
 
 
 def test_only_non_finite_scores_means_no_best(mgr: CheckpointManager) -> None:

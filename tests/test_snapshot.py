@@ -149,6 +149,7 @@ def test_saving_never_changes_the_callers_agent(manager: CheckpointManager) -> N
     assert all(p.requires_grad for p in agent.parameters())
     assert agent.training
     for name, p in agent.named_parameters():
+        assert p.grad is not None, name
         assert torch.equal(p.grad, grads[name]), name
     assert agent.decoder.weight is agent.encoder.weight
     assert agent.window.untyped_storage().data_ptr() == agent.table.untyped_storage().data_ptr()
@@ -179,8 +180,9 @@ def test_tied_weights_and_views_survive_the_round_trip(manager: CheckpointManage
 def test_agent_with_a_non_leaf_tensor_attribute(manager: CheckpointManager) -> None:
     """An agent caching an autograd output (a non-leaf tensor with grad_fn) saves its values, as torch.save would."""
     agent = Agent()
-    agent.last_output = agent(torch.ones(2, agent.encoder.in_features))  # requires grad, has a grad_fn
-    expected = agent.last_output.detach().clone()
+    output = agent(torch.ones(2, agent.encoder.in_features))  # requires grad, has a grad_fn
+    agent.last_output = output
+    expected = output.detach().clone()
     path = manager.save_agent(agent, 1)
     with torch.no_grad():
         agent.encoder.weight.zero_()
@@ -192,12 +194,13 @@ def test_agent_with_a_non_leaf_tensor_attribute(manager: CheckpointManager) -> N
 def test_agent_holding_its_own_optimizer(manager: CheckpointManager) -> None:
     """An agent that keeps its optimizer as an attribute is saved consistently: the optimizer refers to its params."""
     agent = Agent()
-    agent.optimizer = make_optimizer(agent)
-    train(agent, agent.optimizer, 2)
+    optimizer = make_optimizer(agent)
+    agent.optimizer = optimizer  # type: ignore[assignment]  # torch types module attributes as Tensor | Module
+    train(agent, optimizer, 2)
     expected = state_of(agent)
-    expected_avg = agent.optimizer.state[agent.encoder.weight]["exp_avg"].clone()
+    expected_avg = optimizer.state[agent.encoder.weight]["exp_avg"].clone()
     path = manager.save_agent(agent, 1)
-    train(agent, agent.optimizer, 1, seed=5)
+    train(agent, optimizer, 1, seed=5)
     manager.wait()
 
     loaded = load_checkpoint(path)

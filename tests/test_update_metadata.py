@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bgsave import CheckpointManager, CheckpointWriteError, InvalidArgumentError
+from bgsave import CheckpointManager, CheckpointWriteError
 
 
 def test_late_score_changes_the_best(any_run_dir: str) -> None:
@@ -13,9 +13,9 @@ def test_late_score_changes_the_best(any_run_dir: str) -> None:
     with CheckpointManager(any_run_dir, "r") as mgr:
         for epoch in range(3):
             mgr.save_agent(torch.nn.Linear(2, 2), epoch, {"agent_step": epoch * 7, "score": 0.1 * epoch})
-        assert mgr.find_best_checkpoint().endswith("model_0002.pt")  # type: ignore[union-attr]
+        assert str(mgr.find_best_checkpoint()).endswith("model_0002.pt")
         mgr.update_metadata(0, score=5.0, eval_episodes=32)
-        assert mgr.find_best_checkpoint().endswith("model_0000.pt")  # type: ignore[union-attr]
+        assert str(mgr.find_best_checkpoint()).endswith("model_0000.pt")
         assert [p.rsplit("/", 1)[-1] for p in mgr.find_checkpoints_by_score(1.0)] == ["model_0000.pt"]
         [first] = [i for i in mgr.checkpoints() if i.epoch == 0]
         assert first.sidecar["eval_episodes"] == 32
@@ -30,25 +30,3 @@ def test_update_of_a_missing_epoch_fails_at_the_next_call(local_run_dir: str) ->
         with pytest.raises(CheckpointWriteError) as info:
             mgr.wait()
         assert info.value.epoch == 9
-
-
-@pytest.mark.parametrize(
-    ("epoch", "metrics", "named"),
-    [
-        (1, {}, "at least one"),
-        (1, {"epoch": 2}, "epoch"),
-        (1, {"run": "other"}, "run"),
-        (1, {"score": [1, 2]}, "score"),
-        (-1, {"score": 1.0}, "epoch"),
-    ],
-)
-def test_bad_updates_are_refused_at_the_call(
-    local_run_dir: str, epoch: int, metrics: dict[str, object], named: str
-) -> None:
-    """Bad epochs or values are refused before anything is queued; the sidecar stays as it was."""
-    with CheckpointManager(local_run_dir, "r") as mgr:
-        mgr.save_agent(torch.nn.Linear(2, 2), 1, {"score": 0.5})
-        mgr.wait()
-        with pytest.raises(InvalidArgumentError, match=named):
-            mgr.update_metadata(epoch, **metrics)
-        assert mgr.checkpoints()[0].sidecar["score"] == 0.5

@@ -23,14 +23,13 @@ import torch
 
 from bgsave import sidecar as sidecar_schema
 from bgsave.errors import CheckpointError, InvalidArgumentError
+from bgsave.policies import EveryNth
 from bgsave.wandb import (
     WandbUploadError,
     artifact_name,
     epoch_alias,
     require_wandb,
-    should_upload,
     upload_to_wandb,
-    validate_every_n,
 )
 from wandb_records import artifact_records
 
@@ -153,7 +152,6 @@ def test_missing_local_file_raises_clear_error(wandb_run: Any, tmp_path: Any) ->
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"wandb_run": None}, "wandb_run must be a W&B run"),
         ({"epoch": -1}, "epoch must be a non-negative int"),
         ({"path": ""}, "path must be a non-empty path or URL"),
         ({"metadata": [("score", 1.0)]}, "metadata must be a mapping"),
@@ -185,17 +183,15 @@ def test_importing_bgsave_does_not_import_wandb() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_should_upload_every_nth_checkpoint_starting_with_the_first() -> None:
-    """every_n counts committed checkpoints from 0: the 1st, (N+1)-th, ... are uploaded."""
-    assert [i for i in range(10) if should_upload(i, 3)] == [0, 3, 6, 9]
-    assert all(should_upload(i, 1) for i in range(5))
+def test_every_nth_checkpoint_starting_with_the_first() -> None:
+    """EveryNth counts committed checkpoints from 0: the 1st, (N+1)-th, ... are uploaded."""
+    assert [i for i in range(10) if EveryNth(3).due(i)] == [0, 3, 6, 9]
+    assert all(EveryNth(1).due(i) for i in range(5))
     for bad in (0, -2, 1.5, True, None):
-        with pytest.raises(InvalidArgumentError, match="every_n must be an int >= 1"):
-            should_upload(0, bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="wandb_every_n must be an int >= 1"):
+            EveryNth(bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="index must be an int >= 0"):
-        should_upload(-1, 2)
-    with pytest.raises(InvalidArgumentError, match="wandb_every_n must be"):
-        validate_every_n(0, argument="wandb_every_n")
+        EveryNth(2).due(-1)
 
 
 def test_names_and_aliases() -> None:

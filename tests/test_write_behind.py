@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, cast
 
 import pytest
 import torch
 
-from bgsave import diskfile
-from bgsave.storage import Storage
+from bgsave.storage import diskfile, open_storage
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -53,7 +52,7 @@ def test_a_large_write_hands_each_chunk_to_the_disk_in_order(
     tmp_path: os.PathLike[str], writeback_calls: list[tuple[int, int, int]]
 ) -> None:
     """A 96 MiB checkpoint starts writeback of consecutive 32 MiB-or-more ranges, and reads back equal."""
-    st = Storage(os.fspath(tmp_path))
+    st = open_storage(os.fspath(tmp_path))
     data = tensors(96)
     path = st.join("big.pt")
     size = st.write_atomic(path, writer(data))
@@ -72,7 +71,7 @@ def test_a_small_write_starts_no_writeback(
     tmp_path: os.PathLike[str], writeback_calls: list[tuple[int, int, int]]
 ) -> None:
     """Below one chunk (a sidecar, a small model) the final fsync does everything."""
-    st = Storage(os.fspath(tmp_path))
+    st = open_storage(os.fspath(tmp_path))
     st.write_atomic(st.join("small.pt"), writer(tensors(16)))
     assert writeback_calls == []
 
@@ -88,7 +87,7 @@ def test_a_refused_writeback_is_not_retried_and_the_file_is_still_whole(
         return -1
 
     monkeypatch.setattr(diskfile, "_start_writeback", refusing)
-    st = Storage(os.fspath(tmp_path))
+    st = open_storage(os.fspath(tmp_path))
     data = tensors(96)
     path = st.join("big.pt")
     st.write_atomic(path, writer(data))
@@ -119,11 +118,17 @@ def test_one_large_write_reaches_the_file_in_slices_and_whole(
             return getattr(self._f, name)
 
     real_init = diskfile._WriteBehind.__init__
-    monkeypatch.setattr(diskfile._WriteBehind, "__init__", lambda self, f: real_init(self, Recording(f)))
+    monkeypatch.setattr(
+        diskfile._WriteBehind, "__init__", lambda self, f: real_init(self, cast(IO[bytes], Recording(f)))
+    )
     values = torch.rand(300_001, generator=torch.Generator().manual_seed(1))
-    st = Storage(os.fspath(tmp_path))
+    st = open_storage(os.fspath(tmp_path))
     path = st.join("raw.bin")
-    size = st.write_atomic(path, lambda f: f.write(values.numpy().data))
+
+    def write(f: IO[bytes]) -> None:
+        f.write(values.numpy().data)
+
+    size = st.write_atomic(path, write)
     assert size == values.numel() * 4 == sum(sizes)
     assert len(sizes) > 1 and max(sizes) == diskfile._WRITE_SLICE
     with open(path, "rb") as f:

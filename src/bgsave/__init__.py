@@ -7,6 +7,12 @@ Example:
     ...     mgr.save_agent(start.agent, epoch=1, metadata={"agent_step": 2048, "score": 0.4})
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bgsave.catalog import CheckpointInfo, find_latest_checkpoint
 from bgsave.errors import (
     BgsaveError,
     CheckpointError,
@@ -20,11 +26,13 @@ from bgsave.errors import (
     WorkerError,
     WorkerTimeoutError,
 )
-from bgsave.index import CheckpointInfo, find_latest_checkpoint, load_checkpoint
-from bgsave.manager import CheckpointManager, RunStart, Stateful
-from bgsave.retry import RetryPolicy
+from bgsave.jobs import SaveRecord
+from bgsave.storage import RetryPolicy
 from bgsave.wandb import upload_to_wandb
-from bgsave.worker import SaveRecord
+
+if TYPE_CHECKING:
+    from bgsave.loading import RunStart, load_checkpoint
+    from bgsave.manager import CheckpointManager, Stateful
 
 __all__ = (
     "BgsaveError",
@@ -50,3 +58,25 @@ __all__ = (
 )
 
 __version__ = "0.1.0"
+
+# The names whose modules import torch, imported on first use: `bgsave ls` and the catalog never
+# pay for `import torch` (about 2 s), and `from bgsave import CheckpointManager` works as ever.
+_LAZY = {
+    "CheckpointManager": "bgsave.manager",
+    "Stateful": "bgsave.manager",
+    "RunStart": "bgsave.loading",
+    "load_checkpoint": "bgsave.loading",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bgsave' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

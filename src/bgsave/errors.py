@@ -33,6 +33,7 @@ __all__ = (
     "WandbUploadError",
     "WorkerError",
     "WorkerTimeoutError",
+    "check_bool",
     "check_int",
 )
 
@@ -41,6 +42,13 @@ def check_int(name: str, value: object, minimum: int) -> int:
     """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise InvalidArgumentError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is True or False, else raise InvalidArgumentError naming ``name``."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
     return value
 
 

@@ -14,7 +14,9 @@ the checkpoints, ``{run_dir}/.bgsave-writer.lock``::
 * **A second writer** is refused with :class:`~bgsave.errors.RunLockedError` naming the holder's pid,
   host and start time.
 * **A dead holder's lock is taken over**: on the same host when its pid no longer runs; on any host
-  when its heartbeat is older than ``STALE_AFTER`` seconds (a killed node, a preempted job). The
+  when its heartbeat is older than ``STALE_AFTER`` seconds (a killed node, a preempted job). A lock
+  file that cannot be read yet (a writer between its create and its first write) is held until the
+  file itself is older than ``STALE_AFTER``. The
   stale file is removed and the create retried, so of two writers taking over at once only one wins
   on local disk and on S3; the loser is refused.
 * **Releasing** (``close()``, or the manager being dropped) deletes the file if it is still ours.
@@ -33,8 +35,10 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+from bgsave import layout
 from bgsave.errors import RunLockedError
 from bgsave.storage import Storage
 
@@ -42,7 +46,7 @@ __all__ = ("LOCK_NAME", "STALE_AFTER", "WriterLock")
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".bgsave-writer.lock"
+LOCK_NAME = layout.LOCK_NAME
 # Seconds without a heartbeat after which a holder on another host is presumed dead.
 STALE_AFTER = 120.0
 
@@ -88,10 +92,10 @@ class WriterLock:
         ).encode()
 
     def acquire(self) -> None:
-        """Take the lock, taking over a dead holder's.
+        """Take the lock, taking over a dead holder's; then remove the lock's own temp file a killed heartbeat left.
 
         Raises:
-            RunLockedError: a live writer holds it.
+            RunLockedError: a live writer holds it (or is creating it).
         """
         if self.held:
             return
@@ -100,19 +104,14 @@ class WriterLock:
             if self._create():
                 self.held = True
                 logger.debug("took writer lock %s", self.path)
+                self._storage.remove_stale_temp(self.path)  # a heartbeat killed mid-write leaves one
                 return
             holder = self._read()
             if holder is None:  # released between our create and our read: try again
                 continue
-            if not self._is_stale(holder):
-                raise RunLockedError(
-                    f"{self._storage.display(self.path)}: another writer holds this run directory "
-                    f"(pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}, "
-                    f"run {holder.get('run')!r}); stop it, or write to another run_dir. The lock is taken "
-                    f"over automatically once that process is gone",
-                    path=self._storage.display(self.path),
-                    holder=holder,
-                )
+            refusal = self._refusal(holder)
+            if refusal is not None:
+                raise RunLockedError(refusal, path=self._storage.display(self.path), holder=holder)
             logger.warning(
                 "taking over the writer lock of a dead process (pid %s on %s, since %s)",
                 holder.get("pid"),
@@ -124,28 +123,7 @@ class WriterLock:
 
     def _create(self) -> bool:
         """Create the lock file if absent, atomically where the store allows; False if it exists."""
-        data = self._record()
-        fs = self._storage.fs
-        if self._storage.is_local:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return True
-        try:
-            with fs.open(self.path, "xb") as f:
-                f.write(data)
-        except FileExistsError:
-            return False
-        except ValueError:  # the backend has no exclusive mode: check, then write
-            if self._storage.is_file(self.path):
-                return False
-            self._storage.write_bytes_atomic(self.path, data)
-        return True
+        return self._storage.create_exclusive(self.path, self._record())
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -153,21 +131,50 @@ class WriterLock:
         except FileNotFoundError:
             return None
         except ValueError:
-            return {}  # unreadable: a writer killed mid-create; treated as stale below
+            return {}  # not (yet) readable: judged by its age, see _refusal
         return parsed if isinstance(parsed, dict) else {}
 
-    @staticmethod
-    def _is_stale(holder: dict[str, Any]) -> bool:
+    def _refusal(self, holder: dict[str, Any]) -> str | None:
+        """Why the lock described by ``holder`` is still held (the refusal's message), None when it is stale."""
+        shown = self._storage.display(self.path)
         heartbeat = holder.get("heartbeat")
-        if not isinstance(heartbeat, (int, float)):
-            return True
+        if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool):
+            # Empty or unreadable: a writer between its exclusive create and its first write (a slow
+            # disk, a descheduled process), or one killed there. Held until older than the limit.
+            facts = self._storage.facts(self.path)
+            age = None if facts is None or facts.mtime is None else time.time() - facts.mtime
+            if age is not None and age > STALE_AFTER:
+                return None
+            wait = "" if age is None else f" in {STALE_AFTER - age:.0f}s"
+            return (
+                f"{shown}: another writer is taking this run directory (its lock file is not written yet); "
+                f"it is taken over once it is {STALE_AFTER:.0f}s old{wait}, or delete it if no writer runs"
+            )
+        who = (
+            f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}, "
+            f"run {holder.get('run')!r}"
+        )
         pid = holder.get("pid")
         if holder.get("host") == socket.gethostname() and isinstance(pid, int):
-            if pid == os.getpid():
-                return False  # another manager in this very process
-            if not _pid_alive(pid):
-                return True
-        return time.time() - heartbeat > STALE_AFTER
+            if pid != os.getpid() and not _pid_alive(pid):
+                return None
+            return (
+                f"{shown}: another writer holds this run directory ({who}); stop it, or write to another "
+                "run_dir. The lock is taken over automatically once that process is gone"
+            )
+        if time.time() - heartbeat > STALE_AFTER:
+            return None
+        until = datetime.datetime.fromtimestamp(heartbeat + STALE_AFTER, datetime.timezone.utc)
+        return (
+            f"{shown}: another writer holds this run directory ({who}); stop it, or write to another run_dir. "
+            f"It runs on another host, so the lock is taken over once its heartbeat has stopped for "
+            f"{STALE_AFTER:.0f}s: not before {until.isoformat(timespec='seconds')} if it stops now"
+        )
+
+    @property
+    def heartbeat_every(self) -> tuple[float, Callable[[], None]]:
+        """How often to call :meth:`heartbeat`, and it: the worker's periodic task."""
+        return STALE_AFTER / 4, self.heartbeat
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat (called periodically by the worker while the lock is held)."""

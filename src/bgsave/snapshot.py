@@ -21,6 +21,14 @@ nothing else touches. The copy is made in two parts, in one pass:
    copied the old way instead: a walk of its attributes finds the tensors and ``copy.deepcopy``
    copies the rest, so the write itself reports the error, as a plain ``torch.save`` would.
 
+Objects that own an operating-system resource (a pipe's connection, a socket, an open file, a process,
+a memory map: :data:`bgsave.graph.OWNS_OS_RESOURCE`) are refused at the call, with an ``InvalidArgumentError``
+naming their attribute path (``agent.envs._pipes[0]``): a copy of one carries the caller's handle (the
+same file descriptor) and closes it when the copy is freed, so the caller's live pipe would fail with
+``EBADF``. The pickler refuses them, and before the deepcopy fallback so does a dry pass
+(:class:`ResourceCheck`), so nothing is copied first. What ``__getstate__`` leaves out is not looked
+at; an object with its own ``__deepcopy__`` is trusted with its copy.
+
 On CUDA the buffers are pinned and the copies run ``non_blocking`` on a side stream that first waits
 for the caller's stream; the caller's stream then waits on the copy's event (so later kernels cannot
 overwrite a source before it is copied) and the writer synchronizes on that event before writing.
@@ -36,12 +44,13 @@ import logging
 import mmap
 import pickle
 import threading
-import types
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from bgsave.graph import BY_VALUE, RefusedError, ResourceCheck, find_tensors, owns_os_resource, refusal
 
 __all__ = ("Snapshot", "SnapshotPool")
 
@@ -100,52 +109,6 @@ class Snapshot:
         return f"Snapshot(kind={self.kind!r}, nbytes={self.nbytes})"
 
 
-# Types the walk never looks inside: they cannot hold tensors, or hold them in ways deepcopy handles.
-_LEAF_TYPES = (
-    str,
-    bytes,
-    bytearray,
-    int,
-    float,
-    complex,
-    bool,
-    type(None),
-    type,
-    types.FunctionType,
-    types.BuiltinFunctionType,
-    types.MethodType,
-    types.ModuleType,
-    torch.device,
-    torch.dtype,
-)
-
-
-def _find_tensors(root: object) -> list[torch.Tensor]:
-    """Tensors reachable from ``root`` through modules, containers and instance attributes, in a stable order."""
-    seen: set[int] = set()
-    found: list[torch.Tensor] = []
-    stack: list[object] = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, _LEAF_TYPES):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            found.append(obj)
-        elif isinstance(obj, dict):
-            stack.extend(reversed(list(obj.values())))
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(reversed(list(obj)))
-        else:
-            attrs = getattr(obj, "__dict__", None)
-            if isinstance(attrs, dict):
-                stack.extend(reversed(list(attrs.values())))
-            for slot in getattr(type(obj), "__slots__", ()):
-                if isinstance(slot, str) and hasattr(obj, slot):
-                    stack.append(getattr(obj, slot))
-    return found
-
-
 def _copyable(t: torch.Tensor) -> bool:
     # Plain tensors and Parameters on real devices. Subclasses, sparse, nested, quantized and meta
     # tensors, and those with a lazy conjugate or negative bit (a view rebuilt on raw storage would
@@ -198,9 +161,6 @@ def _new_buffer(size: int, pin: bool) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
 
 
-_BY_VALUE = (torch.Tensor, torch.TypedStorage, torch.UntypedStorage)
-
-
 def _ref(index: int) -> Any:
     """Stands for the ``index``-th copied object in a snapshot's pickle; :class:`_SnapshotUnpickler` resolves it."""
     raise RuntimeError("bgsave.snapshot._ref is resolved by the snapshot's unpickler, not called")
@@ -211,9 +171,9 @@ class _SnapshotPickler(pickle.Pickler):
 
     Copyable tensors become references to their CPU views; objects whose class defines its own
     ``__deepcopy__`` (a handle that must stay shared, an array type) are copied by it, as before,
-    and passed by reference too. ``reducer_override`` is consulted only for objects the C pickler
-    has no fast path for (not ints, strings, dicts, lists...), so the Python-level cost is per
-    module and tensor, not per value.
+    and passed by reference too; an object owning an OS resource raises :class:`RefusedError`.
+    ``reducer_override`` is consulted only for objects the C pickler has no fast path for (not
+    ints, strings, dicts, lists...), so the Python-level cost is per module and tensor, not per value.
     """
 
     def __init__(self, file: io.BytesIO, copier: _Copier) -> None:
@@ -229,8 +189,10 @@ class _SnapshotPickler(pickle.Pickler):
         if cls is torch.Tensor or cls is torch.nn.Parameter:
             index = self._copier.view_of(obj)
             return NotImplemented if index is None else (_ref, (index,))
+        if owns_os_resource(obj):  # before __deepcopy__: not even shared by reference into the file
+            raise RefusedError(obj)
         # Other tensors and storages pickle by value (deep-copying a storage wrapper only warns).
-        if isinstance(obj, _BY_VALUE) or getattr(cls, "__deepcopy__", None) is None:
+        if isinstance(obj, BY_VALUE) or getattr(cls, "__deepcopy__", None) is None:
             return NotImplemented
         return _ref, (self._copier.deepcopy(obj),)
 
@@ -295,7 +257,7 @@ class _Copier:
 
     def deepcopy(self, obj: object) -> int:
         """Deep-copy ``obj`` with every tensor it holds on a CPU view; returns the copy's index in :attr:`refs`."""
-        for t in _find_tensors(obj):
+        for t in find_tensors(obj):
             self.view_of(t)
         self.refs.append(copy.deepcopy(obj, self.memo))
         return len(self.refs) - 1
@@ -334,6 +296,8 @@ class SnapshotPool:
         """Copy ``obj`` to CPU; the caller may mutate ``obj`` as soon as this returns.
 
         Raises:
+            InvalidArgumentError: ``obj`` holds an object owning an OS resource (a pipe, socket, open
+                file, process...); the message names its path from ``kind``. Nothing was copied.
             Exception: whatever ``copy.deepcopy`` raises for an object that can be neither pickled
                 nor deep-copied.
         """
@@ -350,12 +314,21 @@ class SnapshotPool:
         pickled: bytes | None = None
         value: Any = None
         try:
-            _SnapshotPickler(file, copier).dump(obj)
-            pickled = file.getvalue()
-        except Exception as exc:
-            # Not picklable (a lambda, a lock): copy it the old way, and let the write report it.
-            logger.debug("snapshot of %s: not picklable (%s: %s); using deepcopy", kind, type(exc).__name__, exc)
-            value = copier.refs[copier.deepcopy(obj)]
+            try:
+                _SnapshotPickler(file, copier).dump(obj)
+                pickled = file.getvalue()
+            except RefusedError:
+                raise
+            except Exception as exc:
+                # Not picklable (a lambda, a lock): copy it the old way, and let the write report it.
+                logger.debug("snapshot of %s: not picklable (%s: %s); using deepcopy", kind, type(exc).__name__, exc)
+                ResourceCheck().check(obj)
+                value = copier.refs[copier.deepcopy(obj)]
+        except BaseException as exc:
+            self._give_back(kind, old)  # nothing was copied into them yet
+            if isinstance(exc, RefusedError):
+                raise refusal(kind, obj, exc.args[0]) from None
+            raise
         events = copier.copy(self._copy_async)
 
         ready = None
@@ -390,9 +363,12 @@ class SnapshotPool:
     def release(self, snapshot: Snapshot) -> None:
         """Give a written snapshot's buffers back for reuse by the next save of the same kind."""
         snapshot.value = None
-        with self._lock:
-            self._free.setdefault(snapshot.kind, []).append(snapshot.buffers)
+        self._give_back(snapshot.kind, snapshot.buffers)
         snapshot.buffers = []
+
+    def _give_back(self, kind: str, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free.setdefault(kind, []).append(buffers)
 
     def clear(self) -> None:
         """Drop every buffer kept for reuse."""

@@ -24,7 +24,7 @@ When:
     checks the artifact's type). The bytes travel later, in W&B's own process, and ``run.finish()``
     waits for them. bgsave calls it on its worker, after the checkpoint committed, never in
     ``save_agent``; W&B's run methods may be called from any thread (they pass messages to W&B's own
-    asyncio thread). :func:`should_upload` decides which checkpoints go (every N-th).
+    asyncio thread). :class:`bgsave.policies.EveryNth` decides which checkpoints go (every N-th).
 
 Offline:
     With ``WANDB_MODE=offline`` the artifact is recorded in the run's ``offline-run-*/run-*.wandb``
@@ -48,16 +48,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bgsave import sidecar as sidecar_schema
-from bgsave.errors import InvalidArgumentError, WandbUploadError, check_int
+from bgsave.errors import InvalidArgumentError, WandbUploadError
 
 __all__ = (
     "WandbUploadError",
     "artifact_name",
     "epoch_alias",
     "require_wandb",
-    "should_upload",
     "upload_to_wandb",
-    "validate_every_n",
     "validate_run",
 )
 
@@ -90,28 +88,6 @@ def validate_run(wandb_run: object, *, argument: str = "wandb_run") -> Any:
             f"{argument} must be a W&B run (the object wandb.init() returns), got {type(wandb_run).__name__}"
         )
     return wandb_run
-
-
-def validate_every_n(every_n: object, *, argument: str = "every_n") -> int:
-    """Return ``every_n`` if it is an int >= 1, else raise InvalidArgumentError naming ``argument``."""
-    return check_int(argument, every_n, 1)
-
-
-def should_upload(index: int, every_n: int) -> bool:
-    """Whether the ``index``-th committed checkpoint is uploaded when uploading every ``every_n``-th.
-
-    ``index`` counts the checkpoints one manager committed, from 0, whatever their epochs; the
-    first is always uploaded (a misconfigured W&B run shows up at once), then every ``every_n``-th
-    after it: with ``every_n=3``, the 1st, 4th, 7th, ... The count starts again in a new manager
-    (after a resume). Counting checkpoints rather than epochs keeps the meaning when checkpoints are
-    saved at an interval: with saves every 10 epochs, ``every_n=5`` uploads epochs 0, 50, 100, ...
-
-    Raises:
-        InvalidArgumentError: ``index`` is not an int >= 0 or ``every_n`` not an int >= 1.
-    """
-    every_n = validate_every_n(every_n)
-    check_int("index", index, 0)
-    return index % every_n == 0
 
 
 def artifact_name(name: str) -> str:

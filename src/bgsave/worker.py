@@ -5,17 +5,17 @@ The flow of one save::
     caller thread                         event loop thread (anyio, in a blocking portal)
     -------------                         ------------------------------------------------
     submit(job):
-      take a slot (_Slots, max_pending + 1)   # blocks when full
+      take a slot (backpressure.Slots)   # blocks when max_pending + 1 are taken
       job.prepare()   (snapshot to CPU)
       hand job over   ──────────────────▶ memory object stream ──▶ _run():
       return                                                          to_thread.run_sync(job.execute)
                                                                       # blocking file I/O off the loop
                                                                       give the slot back
 
-The slot is taken *before* the snapshot, so at most ``max_pending`` snapshots wait behind the one
-being written and memory stays bounded by ``max_pending + 1`` snapshots. The stream itself never
-blocks: the slots are the bound. The first time a caller has to wait for a slot, one WARNING advises
-saving less often.
+The slot is taken *before* the snapshot, so memory stays bounded by ``max_pending + 1`` snapshots
+(:mod:`bgsave.backpressure`, which also decides when a wait for a slot is worth a WARNING). The
+worker is in one :class:`State` at a time: inline (no loop), running, dead (the loop ended
+unexpectedly), closed.
 
 Nothing in ``submit`` waits for the event loop: the slots are a condition variable on the caller's
 side, and the job is handed over with the loop's ``call_soon_threadsafe`` (FIFO, so jobs and flush
@@ -27,10 +27,7 @@ loop stays free to overlap other stages (a remote upload of one checkpoint while
 written). A failure in a job is caught, kept in order, and raised once by :meth:`Worker.raise_errors`
 at the caller's next call. ``flush()`` sends a marker through the same stream and waits for it, so it
 returns when every job queued before it has finished.
-
-Pending work is flushed at interpreter exit: the owner registers its ``close`` with
-``threading._register_atexit`` (as ``concurrent.futures`` does), which runs *before* the interpreter
-joins non-daemon threads; a plain ``atexit`` hook would run after, too late for anyio's worker threads.
+Pending work is flushed at interpreter exit by the owner (:mod:`bgsave.lifecycle`).
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import enum
 import logging
 import math
 import threading
@@ -46,120 +44,37 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from bgsave import backpressure
 from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerError, WorkerTimeoutError
+from bgsave.jobs import RECORDS_KEPT, Job, Run, SaveRecord
 
-__all__ = ("Job", "SaveRecord", "Worker")
+__all__ = ("State", "Worker")
 
 logger = logging.getLogger(__name__)
 
-# How many finished-save records a manager keeps (oldest dropped first).
-RECORDS_KEPT = 1024
 
+class State(enum.Enum):
+    """Where a worker is in its life."""
 
-@dataclass(frozen=True, slots=True)
-class SaveRecord:
-    """Timings of one finished save.
-
-    Attributes:
-        kind: "agent" or "trainer_state".
-        epoch: The epoch saved.
-        path: The file written (local path or URL).
-        stall_s: Seconds the caller was blocked in ``save_*`` (waiting for a slot plus the CPU copy).
-        queue_wait_s: Seconds between the call returning and the write starting.
-        write_s: Seconds from the write starting to the files being durable.
-        bytes: Bytes written (all files of this save).
-        ok: Whether the save committed.
-        error: The error's message when it did not.
-        after_s: Seconds spent in the after-step (upload, retention), 0.0 when there was none.
-        after_error: The after-step's error message (the commit stands regardless).
-    """
-
-    kind: str
-    epoch: int
-    path: str
-    stall_s: float
-    queue_wait_s: float
-    write_s: float
-    bytes: int
-    ok: bool
-    error: str | None = None
-    after_s: float = 0.0
-    after_error: str | None = None
-
-
-@dataclass(eq=False)
-class Job:
-    """One unit of background work: ``prepare`` runs on the caller's thread, ``execute`` on the worker's.
-
-    ``execute`` returns the bytes written; ``cleanup`` always runs after it (success or not), on the
-    worker's thread, to give buffers back. ``after`` runs only if ``execute`` succeeded, in the second
-    lane (uploads, retention); its failure is logged and recorded, and undoes nothing.
-    """
-
-    kind: str
-    epoch: int
-    path: str
-    prepare: Callable[[], None]
-    execute: Callable[[], int]
-    cleanup: Callable[[], None] = lambda: None
-    after: Callable[[], None] | None = None
-    # Jobs that hold no snapshot (sidecar edits) do not take a slot, so they never wait behind a big write.
-    needs_slot: bool = True
-    # Filled in as the job moves through the lanes.
-    stall_s: float = 0.0
-    queued_at: float = 0.0
-    started_at: float = 0.0
-    write_s: float = 0.0
-    written: int = 0
-    error: CheckpointError | None = None
+    INLINE = "inline"  # no background loop: jobs run in submit()
+    RUNNING = "running"
+    DEAD = "dead"  # the loop ended unexpectedly; close() tears down what is left
+    CLOSED = "closed"
 
 
 # What the stream carries: jobs, and flush markers (a future set once everything before it is done).
-_Item = Job | Future[None]
+_Item = Run | Future[None]
 
 
 async def _running_loop() -> asyncio.AbstractEventLoop:
     return asyncio.get_running_loop()
-
-
-class _Slots:
-    """A counting semaphore taken on the caller's thread and given back from the event loop.
-
-    Unlike ``threading.Semaphore`` it can be *closed*: a caller waiting for a slot of a worker that
-    died wakes up instead of waiting forever.
-    """
-
-    def __init__(self, count: int) -> None:
-        self._free = count
-        self._closed = False
-        self._cond = threading.Condition()
-
-    def take(self, *, block: bool) -> bool:
-        """Take a slot; False when none is free (``block=False``) or the worker has stopped."""
-        with self._cond:
-            while self._free == 0 and block and not self._closed:
-                self._cond.wait()
-            if self._free == 0 or self._closed:
-                return False
-            self._free -= 1
-            return True
-
-    def give(self) -> None:
-        with self._cond:
-            self._free += 1
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
 
 class Worker:
@@ -187,10 +102,12 @@ class Worker:
         self.name = name
         self.records: collections.deque[SaveRecord] = collections.deque(maxlen=RECORDS_KEPT)
         self._errors: collections.deque[CheckpointError] = collections.deque()
-        self._warned_backpressure = False
+        self._in_flight: collections.Counter[int] = collections.Counter()
+        self._in_flight_lock = threading.Lock()
+        self._advisor = backpressure.Advisor(name, max_pending)
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
-        self._portal: BlockingPortal | None = None
         self._run_future: Future[None] | None = None
+        self.state = State.INLINE
         if background:
             self._start()
 
@@ -198,13 +115,19 @@ class Worker:
     def _start(self) -> None:
         self._portal_cm = start_blocking_portal(name=f"bgsave-{self.name}")
         portal = self._portal = self._portal_cm.__enter__()
-        self._slots = _Slots(self.max_pending + 1)
+        self._slots = backpressure.Slots(self.max_pending + 1)
         # Created on the loop: anyio primitives bind to the running backend (asyncio, the portal's default).
         send, receive = portal.call(self._make_stream)
         self._send: MemoryObjectSendStream[_Item] = send
         self._loop: asyncio.AbstractEventLoop = portal.call(_running_loop)
         self._run_future = portal.start_task_soon(self._run, receive)
-        self._run_future.add_done_callback(lambda _: self._slots.close())
+        self._run_future.add_done_callback(self._on_loop_end)
+        self.state = State.RUNNING
+
+    def _on_loop_end(self, _: object) -> None:
+        self._slots.close()
+        if self.state is State.RUNNING:
+            self.state = State.DEAD
 
     async def _make_stream(
         self,
@@ -219,19 +142,23 @@ class Worker:
                 abandoned (a write stuck in the kernel cannot be interrupted).
             WorkerError: the worker had died.
         """
-        if self._portal is None:
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.INLINE:
+            self.state = State.CLOSED
             return
         portal = self._portal
         try:
             self.flush(timeout)
         except WorkerError:
-            self._portal = None
+            # Dead, or abandoned after a timeout: don't join a thread that may never return; ask the
+            # loop to stop and leave it.
+            self.state = State.CLOSED
             self._send.close()
-            # Don't join a thread that may never return: ask the loop to stop and leave it.
             with contextlib.suppress(Exception):
                 portal.start_task_soon(portal.stop, True)
             raise
-        self._portal = None
+        self.state = State.CLOSED
         try:
             portal.call(self._send.aclose)
             if self._run_future is not None:
@@ -241,15 +168,17 @@ class Worker:
             self._portal_cm.__exit__(None, None, None)
 
     def when_stopped(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the event loop's work has ended (at once if it has)."""
+        """Call ``callback`` once the event loop's work has ended (at once if it has, or never ran)."""
         if self._run_future is None:
             callback()
         else:
             self._run_future.add_done_callback(lambda _: callback())
 
     def _check_alive(self) -> None:
-        if self._run_future is not None and self._run_future.done():
+        if self.state is State.DEAD:
             raise self._died()
+        if self.state is State.CLOSED:
+            raise WorkerError(f"{self.name}: the background checkpoint worker is closed")
 
     def _died(self) -> WorkerError:
         future = self._run_future
@@ -258,37 +187,54 @@ class Worker:
             error.__cause__ = future.exception()
         return error
 
+    def in_flight(self) -> frozenset[int]:
+        """Epochs of the jobs submitted and not yet written (retention must not prune them)."""
+        with self._in_flight_lock:
+            return frozenset(self._in_flight)
+
+    def _track(self, epoch: int, delta: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight[epoch] += delta
+            if self._in_flight[epoch] <= 0:
+                del self._in_flight[epoch]
+
     # ---- submitting -----------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job[Any]) -> None:
         """Prepare ``job`` on this thread and queue it (or run it now when not in background).
 
         Blocks while ``max_pending`` jobs already wait. If ``prepare`` raises, nothing is queued and
         the exception propagates.
         """
         start = time.perf_counter()
-        if self._portal is None:
-            job.prepare()
-            job.queued_at = time.perf_counter()
-            job.stall_s = job.queued_at - start
-            self._execute([job])
-            self._finish([job])
+        run = Run(job)
+        if self.state is State.INLINE:
+            self._prepare(run, start)
+            self._execute([run])
+            self._finish([run])
             self.raise_errors()
             return
         self._check_alive()
         if job.needs_slot and not self._slots.take(block=False):
-            waited_from = time.perf_counter()
             if not self._slots.take(block=True):
                 raise self._died()
-            self._warn_backpressure(job, time.perf_counter() - waited_from)
+            self._advisor.waited(job.epoch, time.perf_counter() - start, now=start)
+        if job.needs_slot:
+            self._advisor.saved(start)
+        self._track(job.epoch, +1)
         try:
-            job.prepare()
-            job.queued_at = time.perf_counter()
-            job.stall_s = job.queued_at - start
-            self._hand_over(job)
+            self._prepare(run, start)
+            self._hand_over(run)
         except BaseException:
+            self._track(job.epoch, -1)
             if job.needs_slot:
                 self._slots.give()
             raise
+
+    @staticmethod
+    def _prepare(run: Run, start: float) -> None:
+        run.payload = run.job.prepare()
+        run.queued_at = time.perf_counter()
+        run.stall_s = run.queued_at - start
 
     def _hand_over(self, item: _Item) -> None:
         """Queue ``item`` on the loop without waiting for it (see the module docstring).
@@ -305,13 +251,14 @@ class Worker:
             error = self._died()
             raise error from error.__cause__  # the worker's own failure, not the closed loop
 
-    def _enqueue(self, job: _Item) -> None:
+    def _enqueue(self, item: _Item) -> None:
         """On the loop: put a handed-over job on the stream, or fail it if the stream has closed."""
         try:
-            self._send.send_nowait(job)
+            self._send.send_nowait(item)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            if not isinstance(job, Job):
+            if not isinstance(item, Run):
                 return  # a flush marker: the flush sees the worker's end instead
+            job = item.job
             error = CheckpointWriteError(
                 f"saving {job.kind} for epoch {job.epoch} to {job.path} failed: the background worker had stopped",
                 epoch=job.epoch,
@@ -319,23 +266,10 @@ class Worker:
             )
             error.__cause__ = exc
             self._errors.append(error)
-            job.cleanup()
+            job.release(item.payload)
+            self._track(job.epoch, -1)
             if job.needs_slot:
                 self._slots.give()
-
-    def _warn_backpressure(self, job: Job, waited: float) -> None:
-        if self._warned_backpressure:
-            logger.debug("%s: save of epoch %d waited %.2fs for a free slot", self.name, job.epoch, waited)
-            return
-        self._warned_backpressure = True
-        logger.warning(
-            "%s: save of epoch %d waited %.3fs for earlier checkpoints to be written (max_pending=%d); "
-            "consider checkpointing less often or raising max_pending",
-            self.name,
-            job.epoch,
-            waited,
-            self.max_pending,
-        )
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every job submitted so far has finished (successfully or not).
@@ -344,7 +278,7 @@ class Worker:
             WorkerTimeoutError: not finished within ``timeout`` seconds (the jobs keep running).
             WorkerError: the worker died.
         """
-        if self._portal is None:
+        if self.state in (State.INLINE, State.CLOSED):
             return
         self._check_alive()
         assert self._run_future is not None
@@ -372,14 +306,18 @@ class Worker:
                 tg.start_soon(self._run_periodic, *self._periodic, stop_periodic)
             async with receive, after_send:
                 async for item in receive:
-                    if isinstance(item, Job):
+                    if isinstance(item, Run):
                         try:
                             await anyio.to_thread.run_sync(self._execute, [item])
+                        except BaseException:
+                            # The loop is dying: a caller waiting for a slot must wake to that, not to a slot.
+                            self._slots.close()
+                            raise
                         finally:
-                            if item.needs_slot:
+                            if item.job.needs_slot:
                                 self._slots.give()
                     await after_send.send(item)
-                    # A finished job's closures hold its manager: don't keep it alive while idle.
+                    # A finished job's closures hold its owner: don't keep it alive while idle.
                     del item
             # The stream closed: the after-lane drains by itself; the periodic task must be told.
             stop_periodic.set()
@@ -404,16 +342,17 @@ class Worker:
                     await anyio.to_thread.run_sync(self._finish, [item])
                 del item
 
-    def _execute(self, box: list[Job]) -> None:
+    def _execute(self, box: list[Run]) -> None:
         """Run the write; a failure is kept for the caller, never raised here.
 
-        The job comes in a list that is emptied here: anyio's idle worker thread keeps its last
+        The run comes in a list that is emptied here: anyio's idle worker thread keeps its last
         arguments, and a job must not outlive its run (its closures hold the manager).
         """
-        job = box.pop()
-        job.started_at = time.perf_counter()
+        run = box.pop()
+        job = run.job
+        run.started_at = time.perf_counter()
         try:
-            job.written = job.execute()
+            run.written = job.execute(run.payload)
         except Exception as exc:
             error = CheckpointWriteError(
                 f"saving {job.kind} for epoch {job.epoch} to {job.path} failed: {type(exc).__name__}: {exc}",
@@ -421,18 +360,21 @@ class Worker:
                 path=job.path,
             )
             error.__cause__ = exc
-            job.error = error
+            run.error = error
             self._errors.append(error)
             logger.debug("%s: %s", self.name, error)
         finally:
-            job.cleanup()
-            job.write_s = time.perf_counter() - job.started_at
+            payload, run.payload = run.payload, None
+            job.release(payload)
+            self._track(job.epoch, -1)
+            run.write_s = time.perf_counter() - run.started_at
 
-    def _finish(self, box: list[Job]) -> None:
+    def _finish(self, box: list[Run]) -> None:
         """Run the after-step of a committed job (its failure is logged and recorded, never raised), then record."""
-        job = box.pop()
+        run = box.pop()
+        job = run.job
         after_s, after_error = 0.0, None
-        if job.after is not None and job.error is None:
+        if job.after is not None and run.error is None:
             started = time.perf_counter()
             try:
                 job.after()
@@ -440,22 +382,7 @@ class Worker:
                 after_error = f"{type(exc).__name__}: {exc}"
                 logger.warning("%s: after saving epoch %d (%s): %s", self.name, job.epoch, job.path, after_error)
             after_s = time.perf_counter() - started
-        self.records.append(
-            SaveRecord(
-                kind=job.kind,
-                epoch=job.epoch,
-                path=job.path,
-                # Without a background worker the caller is blocked for the write too.
-                stall_s=job.stall_s if self.background else job.stall_s + job.write_s,
-                queue_wait_s=job.started_at - job.queued_at,
-                write_s=job.write_s,
-                bytes=job.written,
-                ok=job.error is None,
-                error=None if job.error is None else str(job.error),
-                after_s=after_s,
-                after_error=after_error,
-            )
-        )
+        self.records.append(run.record(background=self.background, after_s=after_s, after_error=after_error))
 
     # ---- errors ---------------------------------------------------------------------------
     def raise_errors(self) -> None:

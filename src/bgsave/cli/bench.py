@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bgsave import index
+from bgsave import layout
 from bgsave.errors import InvalidArgumentError, check_int
 from bgsave.manager import CheckpointManager
-from bgsave.storage import Storage
+from bgsave.storage import Storage, open_storage
 
-__all__ = ("Report", "Result", "parse_sizes", "progress", "run", "steps", "table")
+__all__ = ("Report", "Result", "progress", "run", "steps", "table")
 
 logger = logging.getLogger(__name__)
 
@@ -76,21 +76,6 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-ready dicts."""
         return asdict(self)
-
-
-def parse_sizes(text: str) -> tuple[int, ...]:
-    """``"10,100"`` -> ``(10, 100)``: positive ints (MB), duplicates dropped.
-
-    Raises:
-        InvalidArgumentError: an item is not a positive int.
-    """
-    try:
-        sizes = [int(item) for item in text.split(",")]
-    except ValueError:
-        sizes = [0]
-    if min(sizes) < 1:
-        raise InvalidArgumentError(f"sizes must be positive ints (MB) separated by commas, got {text!r}")
-    return tuple(dict.fromkeys(sizes))
 
 
 def steps(sizes: Sequence[int], repeats: int, max_pending: int) -> int:
@@ -131,9 +116,9 @@ def run(
         check_int("sizes", size, 1)
     check_int("repeats", repeats, 1)
     check_int("max_pending", max_pending, 0)
-    root = Storage(url, storage_options)
+    root = open_storage(url, storage_options)
     # Also the first contact: an unreachable target fails here, before anything is created.
-    if root.is_file(root.root) or (root.is_local and not root.fs.isdir(root.root)):
+    if root.is_file(root.root) or (root.has_directories and not root.exists(root.root)):
         raise InvalidArgumentError(f"RUN_DIR_URL {url} is not an existing directory")
     copies = max_pending + 3  # the model, max_pending + 1 snapshot buffers, one serialized copy
     available = _available_memory()
@@ -172,6 +157,7 @@ def _bench_size(
     width = max(1, round(math.sqrt(size_mb * MB / 4 / _LAYERS)))
     model = nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(_LAYERS)))
     run_dir = Storage.join_dir(scratch, f"{size_mb}mb")
+    checkpoints = Storage.join_dir(run_dir, layout.CHECKPOINTS)
     plain = Storage.join_dir(scratch, f"sync_{size_mb}mb.pt")
     sync: list[float] = []
     stalls: list[float] = []
@@ -179,8 +165,8 @@ def _bench_size(
 
     def remove(epochs: range) -> None:  # outside the timing, so that the target never fills up
         for epoch in epochs:
-            for suffix in ("yaml", "pt"):
-                root.delete(Storage.join_dir(f"{run_dir}/checkpoints", index.checkpoint_name(epoch, suffix)))
+            for suffix in (layout.YAML, layout.PT):
+                root.delete(Storage.join_dir(checkpoints, layout.checkpoint_name(epoch, suffix)))
 
     with CheckpointManager(
         root.display(run_dir), "bgsave-bench", max_pending=max_pending, storage_options=options
@@ -236,9 +222,7 @@ def _available_memory() -> int | None:
 def _remove_tree(root: Storage, path: str) -> None:
     """Delete the scratch run; a failure is logged with the path, never raised over the real outcome."""
     try:
-        root.fs.invalidate_cache()
-        if root.fs.exists(path):
-            root.fs.rm(path, recursive=True)
+        root.remove_tree(path)
     except Exception as exc:
         logger.warning("could not remove the benchmark's scratch directory %s: %s", root.display(path), exc)
 

@@ -1,7 +1,7 @@
 """Disk: how a new local file's bytes reach the disk, taking as little CPU from training as can be.
 
 :func:`create` opens a new file and hands back one of two writers; ``finish()`` makes it durable
-(fsync) and returns its size. :mod:`bgsave.storage` does the rest of the atomic write (temp name,
+(fsync) and returns its size. :mod:`bgsave.storage.local` does the rest of the atomic write (temp name,
 rename, directory fsync).
 
 * **Through the page cache** (:class:`_WriteBehind`): small files, and wherever ``O_DIRECT`` is

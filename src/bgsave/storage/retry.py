@@ -3,8 +3,10 @@
 :func:`is_transient` examines an exception and its causes: an HTTP answer decides by its status and
 error code (408, 429, 5xx except 501, throttling codes such as ``SlowDown``); otherwise dropped
 connections and timeouts are transient and everything else (403, 404, a full disk) is permanent.
-:class:`RetryPolicy` bounds the attempts, with exponential backoff and jitter. :mod:`bgsave.storage`
-applies both to whole-file operations; the error a failed operation ends with names the URL, keeps
+:class:`RetryPolicy` bounds the attempts, with exponential backoff and jitter. :func:`run_with_retries`
+is the loop every storage operation runs in (whole files, see :mod:`bgsave.storage.base`); the file
+handed to caller code is guarded (:class:`Attempt`), so a storage error that ``torch.save`` turns into
+a ``RuntimeError`` is still recognised. The error a failed operation ends with names the URL, keeps
 the builtin ``OSError`` kind of the original, and never shows credential-like text.
 """
 
@@ -12,14 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import random
 import re
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import IO, Any, TypeVar, cast
 
 from bgsave.errors import InvalidArgumentError, check_int
 
-__all__ = ("DEFAULT_RETRY", "RetryPolicy", "describe", "final_error", "is_transient")
+__all__ = ("DEFAULT_RETRY", "Attempt", "RetryPolicy", "describe", "final_error", "is_transient", "run_with_retries")
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 # ---- retry policy ----------------------------------------------------------------------------
@@ -174,3 +183,120 @@ def final_error(exc: BaseException, what: str, shown: str, attempts: int, transi
     if isinstance(exc, OSError):
         kind = next(c for c in type(exc).__mro__ if c.__module__ == "builtins" and issubclass(c, OSError))
     return kind(message)
+
+
+# ---- the retry loop --------------------------------------------------------------------------
+# Writes are passed on in pieces of at most this size: torch.save writes each tensor in one call, and
+# s3fs would otherwise buffer (and copy) a 1 GB tensor whole before sending it as one part.
+WRITE_PIECE = 2**20
+
+
+class _Guard:
+    """Wraps the file a writer or reader gets: remembers the storage error that passed through it.
+
+    ``torch.save`` turns an exception raised by ``write`` into a ``RuntimeError`` ("unexpected pos"),
+    so the storage error is taken from here, not from what the writer raises. Large writes are passed
+    on in pieces, so an upload buffer holds at most one part however large a single tensor is.
+    """
+
+    def __init__(self, f: IO[bytes], piece: int | None) -> None:
+        self._f = f
+        self._piece = piece
+        self.error: Exception | None = None
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        piece = self._piece or max(len(view), 1)
+
+        def write_all() -> int:
+            for start in range(0, len(view), piece):
+                self._f.write(view[start : start + piece])
+            return len(view)
+
+        return self._run(write_all)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._run(lambda: self._f.read(size))
+
+    def readinto(self, buffer: Any) -> int:
+        def readinto() -> int:
+            method = getattr(self._f, "readinto", None)
+            if method is not None:
+                return int(method(buffer))
+            view = memoryview(buffer).cast("B")
+            data = self._f.read(len(view))
+            view[: len(data)] = data
+            return len(data)
+
+        return self._run(readinto)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._run(lambda: self._f.seek(offset, whence))
+
+    def flush(self) -> None:
+        self._run(self._f.flush)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+@dataclass
+class Attempt:
+    """What the retry loop needs to know about the attempt in progress."""
+
+    number: int
+    guard: _Guard | None = None  # the file caller code is using, while it runs
+    in_caller: bool = False  # True while (and if) caller code raised
+
+    def call(self, f: IO[bytes], code: Callable[[IO[bytes]], T], *, piece: int | None = WRITE_PIECE) -> T:
+        """Run caller code on ``f`` (guarded; writes passed on in ``piece``-sized parts), noting if it raised."""
+        self.guard = _Guard(f, piece)
+        self.in_caller = True
+        result = code(cast(IO[bytes], self.guard))
+        self.in_caller = False
+        return result
+
+
+def run_with_retries(policy: RetryPolicy, what: str, shown: str, operation: Callable[[Attempt], T]) -> T:
+    """Run ``operation`` until it succeeds, fails permanently, or runs out of ``policy``'s attempts.
+
+    An error raised by caller code inside the operation (see :meth:`Attempt.call`) propagates as it
+    is, unless a storage error passed through the guarded file first: that one is judged instead.
+    """
+    attempt = Attempt(number=1)
+    while True:
+        try:
+            return operation(attempt)
+        except Exception as exc:
+            error: Exception = exc
+            if attempt.in_caller:
+                storage_error = attempt.guard.error if attempt.guard is not None else None
+                if storage_error is None:
+                    raise  # the caller's own error: not ours to retry or rename
+                error = storage_error
+            transient = is_transient(error)
+            if not transient or attempt.number >= policy.attempts:
+                raise final_error(error, what, shown, attempt.number, transient) from error
+            delay = policy.delay(attempt.number)
+            logger.warning(
+                "%s %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                what,
+                shown,
+                attempt.number,
+                policy.attempts,
+                delay,
+                describe(error),
+            )
+            time.sleep(delay)
+            attempt = Attempt(number=attempt.number + 1)

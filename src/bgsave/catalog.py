@@ -1,0 +1,279 @@
+"""Catalog: which checkpoints a run directory holds, committed or not and why not; latest, best, by score.
+
+A checkpoint of epoch N is *committed* when both ``model_N.pt`` and its sidecar ``model_N.yaml``
+exist and the sidecar parses with ``epoch: N`` (the writer writes the sidecar last, and pruning
+deletes it first). Everything else named like a checkpoint is an :class:`Entry` with the reason it
+is not committed: a save in progress or killed (no sidecar), a sidecar without its ``.pt``, an
+unreadable sidecar. Other files (temp files, the trainer state, a user's notes) are not entries.
+
+What it costs. One listing per question, whatever the question. *Latest* needs no sidecar but the
+newest one: the listing already says which epochs have both files, so it reads the newest pair's
+sidecar (and the next older only if that one is unreadable). *Best* and *by score* read every
+sidecar, in one batch (one concurrent GET each on object stores). A :class:`Catalog` keeps what it
+has read, keyed on what the listing says of each sidecar (size and a tag: inode and mtime on local
+disk, the ETag on object stores), so a long-lived reader (the manager) reads each sidecar at most
+once in its life and a changed one again; what its own writer wrote is handed over without a read
+(:meth:`Catalog.wrote`). A listing is always taken afresh: the files are the truth, never the cache.
+
+Nothing here unpickles, and this module never imports torch: ``bgsave ls`` starts in a fraction of
+``import torch``'s time. Loading is :mod:`bgsave.loading`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bgsave import layout
+from bgsave import sidecar as sidecar_schema
+from bgsave.errors import CheckpointWriteError, InvalidArgumentError
+from bgsave.storage import FileFacts, Storage, open_storage
+
+__all__ = ("MODES", "Catalog", "CheckpointInfo", "Entry", "check_mode", "find_latest_checkpoint", "rank")
+
+logger = logging.getLogger(__name__)
+
+MODES = ("max", "min")
+
+
+def check_mode(mode: object, *, argument: str = "mode") -> str:
+    """Return ``mode`` if it is "max" or "min", else raise InvalidArgumentError naming ``argument``."""
+    if mode not in MODES:
+        raise InvalidArgumentError(f"{argument} must be 'max' (higher is better) or 'min', got {mode!r}")
+    return str(mode)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """One committed checkpoint, as its sidecar describes it.
+
+    Attributes:
+        epoch: The epoch (= version) number.
+        path: The ``.pt`` file (local path or URL).
+        size: Size of the ``.pt`` in bytes.
+        sidecar: The parsed sidecar (epoch, agent_step, score, avg_reward, total_time, run, extras).
+    """
+
+    epoch: int
+    path: str
+    size: int
+    sidecar: Mapping[str, Any]
+
+    def metric(self, name: str) -> float | None:
+        """The finite numeric value of ``name`` in the sidecar, or None."""
+        return sidecar_schema.metric_value(self.sidecar, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One epoch whose ``.pt`` or sidecar is in the directory, committed or not.
+
+    Attributes:
+        epoch: From the file names.
+        path: The ``.pt`` (local path or URL), whether or not it exists.
+        pt: What the listing says of the ``.pt``, None when it is missing.
+        info: The committed checkpoint, None when it is not committed.
+        problem: Why it is not committed ("" when it is).
+    """
+
+    epoch: int
+    path: str
+    pt: FileFacts | None
+    info: CheckpointInfo | None
+    problem: str = ""
+
+
+def rank(infos: Iterable[CheckpointInfo], metric: str, mode: str = "max") -> list[CheckpointInfo]:
+    """Checkpoints with a finite ``metric``, best first; equal values: the later epoch first.
+
+    The one place "best" is decided (``find_best_checkpoint``, ``bgsave best``, retention's ``keep_best``).
+    """
+    sign = 1.0 if check_mode(mode) == "max" else -1.0
+    scored = [(sign * v, info.epoch, info) for info in infos if (v := info.metric(metric)) is not None]
+    scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    return [info for _, _, info in scored]
+
+
+class Catalog:
+    """The checkpoints of one checkpoint directory, read through its storage (see the module docstring).
+
+    Thread-safe: the manager asks from the caller's thread while its writer updates from the worker's.
+
+    Example:
+        >>> catalog = Catalog(open_storage("runs/exp1"), "runs/exp1/checkpoints")  # doctest: +SKIP
+        >>> catalog.latest().path  # doctest: +SKIP
+        'runs/exp1/checkpoints/model_0042.pt'
+    """
+
+    def __init__(self, storage: Storage, directory: str) -> None:
+        self.storage = storage
+        self.directory = directory
+        self._lock = threading.Lock()
+        # sidecar name -> (size, tag, parsed): tag None for what our own writer wrote (not listed yet).
+        self._known: dict[str, tuple[int, object, dict[str, Any]]] = {}
+
+    # ---- questions ------------------------------------------------------------------------------
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint, or None: one listing, then the newest pair's sidecar."""
+        files = self.storage.list_files(self.directory)
+        pts, sidecars = layout.epochs_in(files)
+        for epoch in sorted(pts & sidecars, reverse=True):
+            info = self._committed([epoch], files).get(epoch)
+            if info is not None:
+                return info
+        return None
+
+    def get(self, epoch: int) -> CheckpointInfo | None:
+        """Epoch's committed checkpoint, or None when it has none."""
+        return self._committed([epoch], self.storage.list_files(self.directory)).get(epoch)
+
+    def committed(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, in epoch order; unreadable sidecars are skipped with a WARNING."""
+        files = self.storage.list_files(self.directory)
+        pts, sidecars = layout.epochs_in(files)
+        return list(self._committed(sorted(pts & sidecars), files).values())
+
+    def best(self, metric: str = "score", mode: str = "max") -> CheckpointInfo | None:
+        """The committed checkpoint with the best finite ``metric`` (see :func:`rank`), or None."""
+        ranked = rank(self.committed(), metric, mode)
+        return ranked[0] if ranked else None
+
+    def by_min_score(self, min_score: float, metric: str = "score") -> list[CheckpointInfo]:
+        """Committed checkpoints whose finite ``metric`` is >= ``min_score``, in epoch order."""
+        return [info for info in self.committed() if (v := info.metric(metric)) is not None and v >= min_score]
+
+    def entries(self) -> list[Entry]:
+        """Every epoch with a ``.pt`` in the directory, committed or not (and why not), in epoch order."""
+        files = self.storage.list_files(self.directory)
+        pts, sidecars = layout.epochs_in(files)
+        problems: dict[int, str] = {}
+        infos = self._committed(sorted(pts & sidecars), files, problems)
+        return [
+            Entry(
+                epoch,
+                self._display(epoch),
+                files.get(layout.checkpoint_name(epoch, layout.PT)),
+                infos.get(epoch),
+                "" if epoch in infos else problems.get(epoch, "no sidecar (a save in progress, or killed)"),
+            )
+            for epoch in sorted(pts)  # a sidecar alone is no checkpoint to list (`bgsave show` explains it)
+        ]
+
+    def entry(self, epoch: int) -> Entry:
+        """One epoch, as :meth:`entries` would describe it (also when only its sidecar exists, or nothing)."""
+        files = self.storage.list_files(self.directory)
+        pt = files.get(layout.checkpoint_name(epoch, layout.PT))
+        has_sidecar = layout.checkpoint_name(epoch, layout.YAML) in files
+        problems: dict[int, str] = {}
+        info = self._committed([epoch], files, problems).get(epoch)
+        if info is not None:
+            problem = ""
+        elif not has_sidecar:
+            problem = "no sidecar"
+        elif pt is None:
+            problem = "the .pt is missing"
+        else:
+            problem = problems[epoch]
+        return Entry(epoch, self._display(epoch), pt, info, problem)
+
+    # ---- what the writer tells it ---------------------------------------------------------------
+    def wrote(self, epoch: int, sidecar: Mapping[str, Any], size: int) -> None:
+        """Our own writer committed ``sidecar`` (``size`` bytes) for ``epoch``: no need to read it back."""
+        with self._lock:
+            self._known[layout.checkpoint_name(epoch, layout.YAML)] = (size, None, dict(sidecar))
+
+    def forget(self, epoch: int) -> None:
+        """Our own writer removed or is replacing ``epoch``'s sidecar."""
+        with self._lock:
+            self._known.pop(layout.checkpoint_name(epoch, layout.YAML), None)
+
+    def remove(self, infos: Iterable[CheckpointInfo]) -> None:
+        """Delete checkpoints, each sidecar first (so a crash leaves an uncommitted ``.pt``), then its ``.pt``.
+
+        Raises:
+            CheckpointWriteError: a file could not be deleted; earlier epochs are gone, this one is
+                at worst uncommitted.
+        """
+        for info in infos:
+            self.forget(info.epoch)
+            for suffix in (layout.YAML, layout.PT):
+                path = self.path(info.epoch, suffix)
+                try:
+                    self.storage.delete(path)
+                except Exception as exc:
+                    shown = self.storage.display(path)
+                    raise CheckpointWriteError(
+                        f"could not delete {shown} while pruning epoch {info.epoch}: {type(exc).__name__}: {exc}",
+                        epoch=info.epoch,
+                        path=shown,
+                    ) from exc
+
+    def path(self, epoch: int, suffix: str = layout.PT) -> str:
+        """The fsspec path of epoch's ``.pt`` (or ``.yaml``)."""
+        return self.storage.join_dir(self.directory, layout.checkpoint_name(epoch, suffix))
+
+    # ---- reading sidecars ------------------------------------------------------------------------
+    def _display(self, epoch: int) -> str:
+        return self.storage.display(self.path(epoch))
+
+    def _committed(
+        self, epochs: list[int], files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
+    ) -> dict[int, CheckpointInfo]:
+        """The committed checkpoints among ``epochs``, in epoch order; reads the sidecars it does not know."""
+        found: dict[int, tuple[FileFacts, dict[str, Any]]] = {}
+        todo: dict[str, tuple[int, str, FileFacts]] = {}
+        with self._lock:
+            for epoch in epochs:
+                name = layout.checkpoint_name(epoch, layout.YAML)
+                facts = files.get(name)
+                pt = files.get(layout.checkpoint_name(epoch, layout.PT))
+                if facts is None or pt is None:
+                    continue
+                known = self._known.get(name)
+                if known is not None and known[0] == facts.size and known[1] in (None, facts.tag):
+                    if facts.tag is not None:
+                        self._known[name] = (facts.size, facts.tag, known[2])
+                    found[epoch] = (pt, known[2])
+                else:
+                    todo[self.storage.join_dir(self.directory, name)] = (epoch, name, pt)
+        contents = self.storage.read_many(todo) if todo else {}
+        for path, (epoch, name, pt) in todo.items():
+            source = self.storage.display(path)
+            data = contents[path]
+            try:
+                if isinstance(data, Exception):
+                    raise ValueError(f"{source}: {type(data).__name__}: {data}")
+                sidecar = sidecar_schema.loads(data, source=source)
+                if sidecar["epoch"] != epoch:
+                    raise ValueError(f"{source}: sidecar says epoch {sidecar['epoch']}, file name says {epoch}")
+            except ValueError as exc:
+                logger.warning("skipping checkpoint with an unreadable sidecar: %s", exc)
+                if problems is not None:
+                    problems[epoch] = f"sidecar unreadable: {exc}"
+                continue
+            found[epoch] = (pt, sidecar)
+            facts = files[name]
+            if facts.tag is not None:  # a backend that cannot tell a change gets no cache
+                with self._lock:
+                    self._known[name] = (facts.size, facts.tag, sidecar)
+        return {
+            epoch: CheckpointInfo(epoch, self._display(epoch), found[epoch][0].size, found[epoch][1])
+            for epoch in sorted(found)
+        }
+
+
+def find_latest_checkpoint(checkpoint_dir: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """Path of the newest committed checkpoint in ``checkpoint_dir`` (or in a run directory), or None.
+
+    Example:
+        >>> find_latest_checkpoint("runs/exp1/checkpoints")  # doctest: +SKIP
+        'runs/exp1/checkpoints/model_0042.pt'
+    """
+    storage = open_storage(checkpoint_dir, storage_options)
+    found = Catalog(storage, storage.root).latest()
+    if found is None and storage.root.rsplit("/", 1)[-1] != layout.CHECKPOINTS:
+        found = Catalog(storage, storage.join(layout.CHECKPOINTS)).latest()
+    return found.path if found else None

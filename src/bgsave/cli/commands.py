@@ -1,0 +1,255 @@
+"""The commands: ``ls``, ``latest``, ``best``, ``show`` and ``prune`` read a run directory through the catalog.
+
+Which files make a committed checkpoint is :mod:`bgsave.catalog`'s to say (``Catalog.entries`` and
+``Catalog.entry`` give every epoch with the reason it is not committed); which ones to delete is
+:class:`~bgsave.policies.RetentionPolicy`'s. Here is only which directory a RUN_DIR means, and what
+to print. Nothing is unpickled and torch is never imported, so listing an untrusted run directory
+runs no code from it and ``bgsave ls`` starts in a fraction of ``import torch``'s time; only
+``bench`` imports torch, when it runs.
+
+A command returns when it succeeded and raises otherwise; :func:`bgsave.cli.main` turns what it
+raises into an exit code: :class:`~bgsave.errors.CheckpointNotFoundError` (nothing matched),
+:class:`~bgsave.errors.InvalidArgumentError` (bad input), :class:`~bgsave.errors.CheckpointReadError`
+(a file that cannot be read), anything else (a storage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bgsave import layout
+from bgsave import sidecar as sidecar_schema
+from bgsave.catalog import Catalog, CheckpointInfo, Entry
+from bgsave.cli import output
+from bgsave.errors import CheckpointNotFoundError, CheckpointReadError, InvalidArgumentError
+from bgsave.policies import RetentionPolicy
+from bgsave.storage import FileFacts, Storage, open_storage
+
+__all__ = ("bench", "best", "latest", "ls", "prune", "show")
+
+_LS_HEADERS = ["epoch", "agent_step", "score", "avg_reward", "total_time", "size", "age", "committed"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """The checkpoint directory a RUN_DIR stands for, and its listing when it was opened."""
+
+    storage: Storage
+    catalog: Catalog
+    files: Mapping[str, FileFacts]
+
+    @property
+    def shown(self) -> str:
+        return self.storage.display(self.catalog.directory)
+
+    def facts(self, epoch: int, suffix: str = layout.PT) -> FileFacts | None:
+        return self.files.get(layout.checkpoint_name(epoch, suffix))
+
+
+def _open(url: str, args: argparse.Namespace) -> Storage:
+    return open_storage(url, dict(args.storage_option))
+
+
+def _open_run(args: argparse.Namespace) -> _Run:
+    """RUN_DIR/checkpoints, or RUN_DIR itself when it is a checkpoints folder (it holds checkpoint files)."""
+    storage = _open(args.run_dir, args)
+    directory = storage.join(layout.CHECKPOINTS)
+    files = storage.list_files(directory)
+    if not files:
+        if storage.is_file(storage.root):
+            raise InvalidArgumentError(f"{args.run_dir} is a file, not a run directory (one checkpoint: bgsave show)")
+        here = storage.list_files(storage.root)
+        if any(layout.parse(name) is not None or name == layout.TRAINER_STATE for name in here):
+            directory, files = storage.root, here
+        elif not here and not storage.exists(storage.root):
+            raise InvalidArgumentError(f"run directory {args.run_dir} does not exist")
+    return _Run(storage, Catalog(storage, directory), files)
+
+
+def _entry_record(entry: Entry) -> dict[str, Any]:
+    """One epoch as JSON; an uncommitted one has only the epoch from its file name."""
+    sidecar = entry.info.sidecar if entry.info else {"epoch": entry.epoch}
+    size, mtime = (entry.pt.size, entry.pt.mtime) if entry.pt else (0, None)
+    return output.record(sidecar, entry.path, size, entry.info is not None, mtime)
+
+
+def _info_record(run: _Run, info: CheckpointInfo) -> dict[str, Any]:
+    facts = run.facts(info.epoch)
+    return output.record(info.sidecar, info.path, info.size, True, facts.mtime if facts else None)
+
+
+# ---- ls -----------------------------------------------------------------------------------------
+def ls(args: argparse.Namespace) -> None:
+    """A table (or JSON array) of every checkpoint, committed or not, and the trainer state."""
+    run = _open_run(args)
+    entries = run.catalog.entries()
+    if args.json:
+        output.print_json([_entry_record(entry) for entry in entries])
+        return
+    now = time.time()
+    rows = []
+    notes = []
+    for entry in entries:
+        info = entry.info
+        # No sidecar is a save in progress (or a killed one): ordinary. A sidecar that did not
+        # commit the epoch is worth a note saying why.
+        odd = info is None and run.facts(entry.epoch, layout.YAML) is not None
+        if odd:
+            first, _, more = entry.problem.partition("\n")  # a YAML error's detail is on stderr already
+            notes.append(f"* epoch {entry.epoch}: {first}{' ...' if more else ''}")
+        rows.append(
+            [
+                str(entry.epoch),
+                output.fmt(info.sidecar.get("agent_step")) if info else "-",
+                output.fmt(info.sidecar.get("score")) if info else "-",
+                output.fmt(info.sidecar.get("avg_reward")) if info else "-",
+                output.fmt_duration(info.sidecar.get("total_time")) if info else "-",
+                output.fmt_size(entry.pt.size if entry.pt else 0),
+                output.fmt_age(entry.pt.mtime if entry.pt else None, now),
+                "yes" if info else "no*" if odd else "no",
+            ]
+        )
+    if not entries:
+        notes.append("no checkpoints")
+    trainer = run.files.get(layout.TRAINER_STATE)
+    if trainer is not None:
+        notes.append(
+            f"trainer state: {layout.TRAINER_STATE}, {output.fmt_size(trainer.size)}, "
+            f"{output.fmt_age(trainer.mtime, now)} old (epoch not shown: listing never unpickles)"
+        )
+    output.print_table(run.shown, _LS_HEADERS, rows, notes, right=range(7))
+
+
+# ---- latest, best -------------------------------------------------------------------------------
+def latest(args: argparse.Namespace) -> None:
+    """The newest committed checkpoint's path (reads its sidecar only)."""
+    run = _open_run(args)
+    info = run.catalog.latest()
+    if info is None:
+        raise CheckpointNotFoundError(f"no committed checkpoint in {run.shown}")
+    _print_found(run, info, args)
+
+
+def best(args: argparse.Namespace) -> None:
+    """The best committed checkpoint's path by ``--metric`` and ``--mode``."""
+    run = _open_run(args)
+    info = run.catalog.best(args.metric, args.mode)
+    if info is None:
+        raise CheckpointNotFoundError(f"no committed checkpoint in {run.shown} has a finite {args.metric!r}")
+    _print_found(run, info, args)
+
+
+def _print_found(run: _Run, info: CheckpointInfo, args: argparse.Namespace) -> None:
+    if args.json:
+        output.print_json(_info_record(run, info))
+    else:
+        print(info.path)  # the user's RUN_DIR and a name of bgsave's: nothing from the files themselves
+
+
+# ---- show ---------------------------------------------------------------------------------------
+def show(args: argparse.Namespace) -> None:
+    """The sidecar and file facts of one checkpoint, given as its ``.pt`` or its ``.yaml``."""
+    storage = _open(args.path, args)
+    pt = storage.root[: -len(".yaml")] + ".pt" if storage.root.endswith(".yaml") else storage.root
+    if not pt.endswith(".pt"):
+        raise InvalidArgumentError(f"{args.path} is not a checkpoint: expected a model_N.pt or model_N.yaml")
+    directory, _, name = pt.rpartition("/")
+    directory = directory or "/"
+    yml = Storage.join_dir(directory, name[: -len(".pt")] + ".yaml")
+    sidecar = _read_sidecar(storage, yml)  # first: an unreadable one is an error here, not a skipped epoch
+    parsed = layout.parse(name)
+    if parsed is not None:
+        entry = Catalog(storage, directory).entry(parsed.epoch)
+        facts, info, problem = entry.pt, entry.info, entry.problem
+    else:  # trainer_state.pt, model_00005.pt: no checkpoint's name, so never committed
+        facts, info = storage.facts(pt), None
+        problem = "no sidecar" if sidecar is None else "not a model_N.pt name"
+    if facts is None and sidecar is None:
+        raise InvalidArgumentError(f"{storage.display(pt)} does not exist (nor its sidecar)")
+    size, mtime = (facts.size, facts.mtime) if facts else (0, None)
+    if args.json:
+        fallback = {"epoch": parsed.epoch} if parsed else {}
+        output.print_json(output.record(sidecar or fallback, storage.display(pt), size, info is not None, mtime))
+        return
+    lines = [
+        ["path", storage.display(pt)],
+        ["committed", "yes" if info else f"no ({problem})"],
+        ["size", output.fmt_size(size) if facts else "-"],
+        ["age", output.fmt_age(mtime, time.time())],
+        ["sidecar", storage.display(yml) if sidecar is not None else "-"],
+    ]
+    lines += [[str(key), output.fmt(value)] for key, value in (sidecar or {}).items()]
+    output.print_table(storage.display(pt), ["key", "value"], lines, [], right=())
+
+
+def _read_sidecar(storage: Storage, path: str) -> dict[str, Any] | None:
+    """The sidecar at ``path`` parsed (to show it; whether it commits is the catalog's to say), None if missing."""
+    data = storage.read_many([path])[path]
+    if isinstance(data, FileNotFoundError):
+        return None
+    shown = storage.display(path)
+    if isinstance(data, Exception):
+        raise CheckpointReadError(f"cannot read {shown}: {type(data).__name__}: {data}", path=shown)
+    try:
+        return sidecar_schema.loads(data, source=shown)
+    except ValueError as exc:
+        raise CheckpointReadError(str(exc), path=shown) from exc
+
+
+# ---- prune --------------------------------------------------------------------------------------
+def prune(args: argparse.Namespace) -> None:
+    """Delete committed checkpoints outside the newest N and the best K (each sidecar first)."""
+    policy = RetentionPolicy(keep_last=args.keep_last, keep_best=args.keep_best, metric=args.metric, mode=args.mode)
+    run = _open_run(args)
+    entries = run.catalog.entries()
+    doomed = policy.to_delete([entry.info for entry in entries if entry.info])
+    if not args.dry_run:
+        run.catalog.remove(doomed)
+    deleted = {info.epoch for info in doomed}
+    committed = [entry for entry in entries if entry.info]
+    if args.json:
+        output.print_json(
+            {
+                "dry_run": args.dry_run,
+                "deleted": [_entry_record(entry) for entry in committed if entry.epoch in deleted],
+                "kept": [_entry_record(entry) for entry in committed if entry.epoch not in deleted],
+            }
+        )
+        return
+    verb = "would delete" if args.dry_run else "deleted"
+    for info in doomed:
+        print(
+            output.clean(
+                f"{verb} epoch {info.epoch} ({args.metric} {output.fmt(info.sidecar.get(args.metric))}): {info.path}"
+            )
+        )
+    kept = [str(entry.epoch) for entry in committed if entry.epoch not in deleted]
+    print(f"{verb} {len(deleted)} checkpoint(s); kept epochs: {', '.join(kept) or 'none'}")
+    uncommitted = len(entries) - len(committed)
+    if uncommitted:
+        print(f"left {uncommitted} uncommitted .pt file(s) alone (a save in progress or a crash's leftover)")
+
+
+# ---- bench --------------------------------------------------------------------------------------
+def bench(args: argparse.Namespace) -> None:
+    """Measure save latency on a target; the one command that imports torch (and CheckpointManager)."""
+    from bgsave.cli import bench as benchmark
+
+    with benchmark.progress(benchmark.steps(args.sizes, args.repeats, args.max_pending)) as step:
+        report = benchmark.run(
+            args.run_dir,
+            sizes=args.sizes,
+            repeats=args.repeats,
+            max_pending=args.max_pending,
+            storage_options=dict(args.storage_option),
+            on_step=step,
+        )
+    if args.json:
+        output.print_json(report.to_json())
+        return
+    headers, rows, notes = benchmark.table(report)
+    output.print_table(f"bgsave bench: {report.target}", headers, rows, notes, right=(0, 2, 3, 4, 5, 6))
