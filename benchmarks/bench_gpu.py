@@ -14,10 +14,10 @@ each saver (``sync_torch_save``, ``bgsave``, ``dcp_thread``, ``lightning_async``
     just before and just after the call; bgsave makes the stream wait for its copy, so for bgsave
     this is about the pinned copy time). *durable*: the call + waiting for the save.
 ``lost``
-    Lost training time per save, as in ``bench_suite.py``: the model itself is trained on the GPU
-    (SGD, a batch sized for ``--step-ms`` steps, a synchronize per step as a loss read-out would
-    do); one save at a step boundary, training on until it is durable; lost = elapsed - steps x
-    the median step time around it. ``no_save`` is the control.
+    Lost training time per save, as in ``bench_suite.py`` (``harness.training``): the model itself
+    is trained on the GPU (SGD, a batch sized for ``--step-ms`` steps, a synchronize per step as a
+    loss read-out would do); one save at a step boundary, training on until it is durable; lost =
+    elapsed - steps x the median step time around it. ``no_save`` is the control.
 
 Usage::
 
@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_suite import measure_lost, parse_names, time_steps, versions
-from common import RESULTS_DIR, BenchModel, make_target, model_bytes, parse_sizes, timed, write_report
-from suite_methods import CONTROL, Saver, make_savers
+from harness.measure import BenchModel, model_bytes, parse_sizes, timed
+from harness.report import RESULTS_DIR, make_target, versions, write_report
+from harness.savers import CONTROL, Saver, make_savers, parse_names
+from harness.training import measure_lost, time_steps
 
 DEFAULT_METHODS = ["sync_torch_save", "bgsave", "dcp_thread", "lightning_async"]
 
@@ -53,7 +54,7 @@ DEFAULT_METHODS = ["sync_torch_save", "bgsave", "dcp_thread", "lightning_async"]
 class DeviceLoop:
     """Trains the saved model itself on its device: SGD on a fixed random batch, about ``step_s`` a step.
 
-    The interface ``bench_suite.measure_lost`` drives (``activate``, ``retune``, ``step``, ``steps``,
+    The interface ``harness.training.measure_lost`` drives (``activate``, ``retune``, ``step``, ``steps``,
     ``batch``). Each step ends with a synchronize, as reading the loss each step would.
     """
 

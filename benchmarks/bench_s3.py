@@ -10,17 +10,17 @@ not compete for this process's GIL. Loopback S3 runs at about 45-50 MiB/s here: 
 more about moto than about S3; the ratios are the result.
 
 Usage:
-    python benchmarks/bench_s3.py [--mb 100] [--repeats 5] [--json benchmarks/results/s3_DATE.json]
+    python benchmarks/bench_s3.py [--mb 100] [--repeats 5] [--out benchmarks/results/s3_DATE.json]
+
+Prints a table and writes ``benchmarks/results/s3_<date>.json`` (``--json`` is the old name of ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import datetime as dt
 import io
-import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -29,9 +29,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from harness.report import RESULTS_DIR, machine, versions, write_report
 
 from bgsave import CheckpointManager
 
@@ -146,18 +148,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/)")
+    parser.add_argument(
+        "--out", "--json", type=Path, default=None, help="JSON path (benchmarks/results/s3_<date>.json)"
+    )
     args = parser.parse_args()
+    started = dt.datetime.now(dt.timezone.utc)
     torch.set_num_threads(1)
     result = bench(args.mb, args.repeats)
-    result["machine"] = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "note": "moto S3 server on 127.0.0.1 in a separate process",
-    }
     print()
     print(f"| {'measure':38} | {'median':>10} |")
     print(f"|{'-' * 40}|{'-' * 12}|")
@@ -165,12 +162,15 @@ def main() -> None:
         print(f"| {key:38} | {result[key]:9.3f}s |")
     print(f"| {'s3 durable / plain upload':38} | {result['s3_durable_over_plain']:9.2f}x |")
     print(f"| {'s3 stall / local stall':38} | {result['s3_stall_over_local_stall']:9.2f}x |")
-    out = args.json or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"s3_{datetime.date.today().isoformat()}.json"
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    out = args.out or RESULTS_DIR / f"s3_{started:%Y-%m-%d}.json"
+    body = {
+        "settings": {"mb": args.mb, "repeats": args.repeats, "torch_threads": 1},
+        "server": "moto S3 server on 127.0.0.1 in a separate process",
+        "machine": machine(Path(__file__).resolve().parent),
+        "versions": versions(),
+        "results": result,
+    }
+    write_report(out, "s3", started, body)
     print(f"\nwrote {out}")
 
 

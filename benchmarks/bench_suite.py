@@ -49,16 +49,16 @@ training time* with 1 and with 2 torch threads:
     Lightning's own save, in the same background thread; durable when ``teardown()`` (the
     executor's shutdown, Lightning's only way to wait) returns.
 
-The methods live in ``suite_methods.py``, the tables and the plot in ``suite_report.py``, what this
-and ``bench_save.py`` share in ``common.py``. The peers (Lightning, matplotlib) come from the
-benchmark's own extra, ``pip install -e '.[bench]'``, not from the library. Before the rounds each
-method saves a tiny model (lazy imports, first use) and then the real one, untimed: a method whose
-peer is missing or that fails there is skipped with a note, never fatal; the memory that first real
-save leaves behind (bgsave's snapshot buffers) counts as kept.
+The methods live in ``harness/savers.py``, the training loop in ``harness/training.py``, the
+measuring in ``harness/measure.py``; the tables and the plot in ``suite_report.py``. The peers
+(Lightning, matplotlib) come from the benchmark's own extra, ``pip install -e '.[bench]'``, not from
+the library. Before the rounds each method saves a tiny model (lazy imports, first use) and then the
+real one, untimed: a method whose peer is missing or that fails there is skipped with a note, never
+fatal; the memory that first real save leaves behind (bgsave's snapshot buffers) counts as kept.
 
 How it is measured, per size:
 
-1. Stall, time to durable, extra RSS: ``common.run_rounds``, as in ``bench_save.py``: every method
+1. Stall, time to durable, extra RSS: ``harness.measure.run_rounds``: every method
    once per round, round-robin, one warm-up round then ``--repeats`` timed rounds, medians; each
    call is timed from the save to durable, its file deleted afterwards (untimed), then ``--settle``
    seconds of rest after methods that free memory. Extra RSS is the peak resident memory during the
@@ -69,19 +69,12 @@ How it is measured, per size:
    (4 ``Linear`` 512x512 layers, Adam, MSE on a fixed random batch) with ``torch.set_num_threads(T)``
    and the batch calibrated so a step takes about ``--step-ms`` (80 ms), and re-sized between rounds
    when the machine's load moves the step time more than 25% off. The saved model is the big
-   ``BenchModel``, not the MLP. A round measures a baseline window of steps without saves, then,
-   for each method in turn (the order rotates every round), triggers one save at a step boundary
-   and keeps training, polling at each step boundary whether the save is durable, then trains
-   ``TAIL_STEPS`` more steps. With ``elapsed`` the wall time from the save call to the end of the
-   last of those ``n`` steps::
-
-       lost = elapsed - n x baseline_step
-
-   i.e. the stall plus whatever the write in flight slowed the steps down (CPU, memory bandwidth,
-   the GIL), plus the clean-up a method does in ``wait()``. ``baseline_step`` is the median step of
-   the windows just before and just after the round, so drift on a shared machine cancels. A
-   ``no_save`` control goes through the same motions without saving: its spread is the noise floor.
-   One warm-up round, then ``--repeats`` rounds; medians with min-max.
+   ``BenchModel``, not the MLP. ``harness.training.measure_lost``: a round measures a baseline
+   window of steps without saves, then, for each method in turn (the order rotates every round),
+   one save at a step boundary while training goes on until it is durable, then ``TAIL_STEPS``
+   more steps; ``lost = elapsed - steps x baseline_step`` (the stall plus whatever the write in
+   flight slowed the steps down). A ``no_save`` control's spread is the noise floor. One warm-up
+   round, then ``--repeats`` rounds; medians with min-max.
 
 The targets bgsave must meet are checked from ratios within the same run (printed, and in the JSON
 and Markdown with pass/fail): stall <= 1.3 x copy limit; lost training time <= 1/6 of sync's with 1
@@ -91,7 +84,7 @@ stall <= 5 ms at 10 MB.
 
 Usage::
 
-    pip install -e '.[bench]'                              # Lightning, matplotlib, psutil
+    pip install -e '.[dev,bench]'               # Lightning, matplotlib, psutil (or: make bench)
     python benchmarks/bench_suite.py            # 10 MB, 100 MB, 1 GB; 5 repeats; 1 and 2 threads (~15-20 min)
     python benchmarks/bench_suite.py --quick    # 10 and 100 MB, 2 repeats, short windows, no settling (~2 min)
     python benchmarks/bench_suite.py --sizes 1000 --methods bgsave,sync_torch_save --repeats 1
@@ -107,10 +100,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import itertools
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -118,26 +109,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    RESULTS_DIR,
+from harness.measure import (
     BenchModel,
     Method,
     PeakRSS,
     add_run_arguments,
     check_run_arguments,
-    load,
-    make_target,
     model_bytes,
     run_rounds,
-    write_report,
 )
-from suite_methods import CONTROL, METHODS, Saver, default_max_pending, make_savers
+from harness.report import RESULTS_DIR, load, make_target, versions, write_report
+from harness.savers import CONTROL, METHODS, Saver, default_max_pending, make_savers, parse_names
+from harness.training import TAIL_STEPS, TrainLoop, measure_lost
 from suite_report import NOTES, print_report, write_markdown, write_plot
-from torch import nn
-from torch.nn import functional
-
-TAIL_STEPS = 3  # steps trained after a save is durable, inside the measured span
-SAVE_LIMIT_S = 600.0  # a save not durable by then is waited for without training
 
 
 # ---- 1. stall, time to durable, extra RSS -----------------------------------------------------------
@@ -165,131 +149,6 @@ def measure_saves(
             "durable": durable.to_json(),
             "extra_rss_bytes": max(durable.extra_rss) + saver.kept,
             "kept_bytes": saver.kept,
-        }
-    return out
-
-
-# ---- 2. lost training time --------------------------------------------------------------------------
-class TrainLoop:
-    """An MLP trained with Adam on a fixed random batch, sized so that a step takes about ``step_s``.
-
-    Narrow layers and a large batch keep the step compute-bound (time about proportional to the
-    batch, so the calibration converges) and keep both threads busy when T = 2: with wide layers and
-    a batch of a few dozen, a 2-thread step swung between 60 and 400 ms on a loaded 2-core VM.
-    """
-
-    WIDTH = 512
-    DEPTH = 4
-
-    def __init__(self, threads: int, step_s: float) -> None:
-        self.threads = threads
-        self.activate()
-        torch.manual_seed(0)
-        layers: list[nn.Module] = []
-        for _ in range(self.DEPTH):
-            layers += [nn.Linear(self.WIDTH, self.WIDTH), nn.ReLU()]
-        self.net = nn.Sequential(*layers[:-1])
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-4)
-        self.step_s = step_s
-        self._set_batch(256)
-        for _ in range(4):  # Adam's update does not grow with the batch: iterate towards the target
-            self.steps(2)
-            self.retune(statistics.median(self.steps(7)))
-
-    def activate(self) -> None:
-        torch.set_num_threads(self.threads)
-
-    def retune(self, measured: float) -> bool:
-        """Resize the batch if steps of ``measured`` seconds are more than 25% off the target; True if it did.
-
-        A shared machine's load can change the step time several-fold between phases (2-thread steps
-        of 12 to 37 ms against a calibration for 80 ms, seen here under other tenants' load).
-        """
-        factor = self.step_s / measured
-        if 0.8 <= factor <= 1.25:
-            return False
-        self._set_batch(max(8, round(self.batch * min(4.0, max(0.25, factor)))))
-        return True
-
-    def _set_batch(self, batch: int) -> None:
-        self.batch = batch
-        self.x = torch.randn(batch, self.WIDTH)
-        self.y = torch.randn(batch, self.WIDTH)
-
-    def step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        functional.mse_loss(self.net(self.x), self.y).backward()
-        self.optimizer.step()
-
-    def steps(self, n: int) -> list[float]:
-        return time_steps(self.step, n)
-
-
-def time_steps(step: Callable[[], None], n: int) -> list[float]:
-    """Run ``n`` training steps; each one's time (shared with ``bench_gpu.DeviceLoop``)."""
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def save_while_training(loop: TrainLoop, saver: Saver, epoch: int) -> dict[str, float]:
-    """One save at a step boundary, training on until it is durable, then ``TAIL_STEPS`` more steps."""
-    start = time.perf_counter()
-    saver.start(epoch)
-    stall = time.perf_counter() - start
-    steps = 0
-    while not saver.done() and time.perf_counter() - start < SAVE_LIMIT_S:
-        loop.step()
-        steps += 1
-    saver.wait()
-    durable = time.perf_counter() - start
-    loop.steps(TAIL_STEPS)
-    return {
-        "stall_s": stall,
-        "durable_s": durable,  # at step granularity: polled between steps
-        "steps": steps + TAIL_STEPS,
-        "elapsed_s": time.perf_counter() - start,
-    }
-
-
-def measure_lost(
-    loop: TrainLoop, savers: list[Saver], counter: Iterator[int], repeats: int, window: int
-) -> dict[str, dict[str, Any]]:
-    """Round-robin rounds of one save per method during training; round 0 is a warm-up."""
-    loop.activate()
-    everyone = [Saver(CONTROL, lambda _: None), *savers]
-    raw: dict[str, list[dict[str, float]]] = {s.name: [] for s in everyone}
-    before = loop.steps(window)
-    if loop.retune(statistics.median(before)):
-        before = loop.steps(window)
-    for round_ in range(repeats + 1):
-        shift = round_ % len(everyone)
-        samples = {}
-        for saver in everyone[shift:] + everyone[:shift]:
-            loop.steps(2)  # back in step after the previous method's clean-up
-            samples[saver.name] = save_while_training(loop, saver, next(counter))
-            saver.clean()
-        after = loop.steps(window)
-        base = statistics.median(before + after)
-        if round_ > 0:
-            for name, sample in samples.items():
-                lost = sample["elapsed_s"] - sample["steps"] * base
-                sample.update(round=round_, batch=loop.batch, base_step_s=base, lost_s=lost)
-                raw[name].append(sample)
-        # The next round's baseline starts from this window, or from a fresh one at a new batch size.
-        before = loop.steps(window) if loop.retune(statistics.median(after)) else after
-    out = {}
-    for name, rounds in raw.items():
-        lost = [r["lost_s"] for r in rounds]
-        out[name] = {
-            "median_s": statistics.median(lost),
-            "min_s": min(lost),
-            "max_s": max(lost),
-            "samples_s": lost,
-            "rounds": rounds,
         }
     return out
 
@@ -395,14 +254,6 @@ def targets(size_mb: int, nbytes: int, methods: dict[str, dict[str, Any]]) -> li
 
 
 # ---- main -------------------------------------------------------------------------------------------
-def parse_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"--methods takes a comma list of {', '.join(METHODS)}; got {text!r}")
-    return [n for n in METHODS if n in names]  # the suite's order, whatever the command line's
-
-
 def parse_threads(text: str) -> list[int]:
     try:
         threads = [int(t) for t in text.split(",") if t.strip()]
@@ -411,16 +262,6 @@ def parse_threads(text: str) -> list[int]:
     if not threads or any(t < 1 for t in threads):
         raise argparse.ArgumentTypeError(f"--threads takes a comma list of positive integers; got {text!r}")
     return threads
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for package in ("bgsave", "torch", "lightning", "matplotlib", "psutil"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

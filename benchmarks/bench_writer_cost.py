@@ -1,8 +1,8 @@
 """Where a background writer's cost to training goes: each stage of a save, alone, in a background thread.
 
 Each method runs one stage of writing a ``--mb`` checkpoint in a plain thread while the suite's MLP
-training loop (``bench_suite.TrainLoop``) runs with ``--threads`` torch threads, and reports the lost
-training time as the suite does (``bench_suite.measure_lost``, round-robin, medians):
+training loop (``harness.training.TrainLoop``) runs with ``--threads`` torch threads, and reports the
+lost training time as the suite does (``harness.training.measure_lost``, round-robin, medians):
 
 ``save_null_crc`` / ``save_null_nocrc``
     ``torch.save`` of a state dict into a sink that discards the bytes, CRC32 on / off: the CPU of
@@ -14,7 +14,7 @@ training time as the suite does (``bench_suite.measure_lost``, round-robin, medi
     The same, starting writeback every 32 MiB with ``sync_file_range`` (what bgsave does locally).
 ``write_direct``
     ``O_DIRECT`` writes of 64 MiB straight from page-aligned memory, then ``fsync``: no page cache,
-    no copy (what bgsave does for a large checkpoint on local disk; ``common.disk_writer``, as the
+    no copy (what bgsave does for a large checkpoint on local disk; ``harness.measure.disk_writer``, as the
     suite's ``disk_direct``).
 ``memcpy``
     One ``memcpy`` of the same bytes: memory bandwidth alone.
@@ -41,9 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_suite import TrainLoop, measure_lost
-from common import RESULTS_DIR, disk_writer, make_target, write_report
-from suite_methods import Saver
+from harness.measure import disk_writer
+from harness.report import RESULTS_DIR, make_target, write_report
+from harness.savers import Saver
+from harness.training import TrainLoop, measure_lost
 
 CHUNK = 128 * 2**10  # as bgsave's local writes
 WRITE_BEHIND = 32 * 2**20

@@ -13,9 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from suite_methods import CONTROL, METHODS
+from harness.savers import CONTROL, METHODS
 
 ORDER = (*METHODS, CONTROL)
+
+
+def order(results: list[dict[str, Any]]) -> list[str]:
+    """The methods of a report in the suite's order, then any the suite no longer has (older reports)."""
+    present = {name for r in results for name in r["methods"]}
+    return [n for n in ORDER if n in present] + sorted(present - set(ORDER))
+
 
 NOTES = [
     "Medians of the timed rounds, with [min, max]; every method runs once per round, round-robin, so all "
@@ -54,7 +61,7 @@ def rows(result: dict[str, Any], threads: list[int]) -> list[list[str]]:
     """One row a method: stall, durable, throughput, extra RSS, then lost time for each thread count."""
     out = []
     methods = result["methods"]
-    for name in ORDER:
+    for name in order([result]):
         m = methods.get(name)
         if m is None:
             continue
@@ -160,7 +167,7 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     results = report["results"]
     sizes = [r["size_mb"] for r in results]
     threads = report["settings"]["threads"]
-    methods = [name for name in ORDER if name != CONTROL and any(name in r["methods"] for r in results)]
+    methods = [name for name in order(results) if name != CONTROL]
     colors = {name: f"C{i}" for i, name in enumerate(methods)}
     styles = ["-", "--", ":", "-."]
     fig, (stall_ax, lost_ax) = plt.subplots(1, 2, figsize=(13, 5.5))

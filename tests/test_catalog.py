@@ -1,6 +1,6 @@
 """The catalog: best by a metric in either direction, search by any metric, and what each question costs in reads.
 
-Reads are counted by wrapping the real storage's ``read_many`` (every sidecar read goes through it),
+Reads are counted by wrapping the real storage's ``read_many_with_facts`` (every sidecar read goes through it),
 on real files and on the loopback S3 server.
 """
 
@@ -18,7 +18,7 @@ from bgsave import sidecar as sidecar_schema
 from bgsave.catalog import Catalog, rank
 from bgsave.layout import checkpoint_name
 from bgsave.policies import RetentionPolicy
-from bgsave.storage import Storage, open_storage
+from bgsave.storage import FileFacts, Storage, open_storage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,18 +73,18 @@ def test_rank_is_the_one_ordering_of_best() -> None:
 
 # ---- what questions cost ----------------------------------------------------------------------------
 class CountingReads:
-    """Wraps a storage's real read_many and counts the files it is asked for."""
+    """Wraps a storage's real sidecar reads (read_many_with_facts) and counts the files asked for."""
 
     def __init__(self, storage: Storage) -> None:
         self.files = 0
-        real = storage.read_many
+        real = storage.read_many_with_facts
 
-        def read_many(paths: Iterable[str]) -> dict[str, bytes | Exception]:
+        def read_many_with_facts(paths: Iterable[str]) -> dict[str, tuple[bytes, FileFacts | None] | Exception]:
             paths = list(paths)
             self.files += len(paths)
             return real(paths)
 
-        storage.read_many = read_many  # type: ignore[method-assign]
+        storage.read_many_with_facts = read_many_with_facts  # type: ignore[method-assign]
 
 
 def write_run(storage: Storage, directory: str, epochs: range) -> None:

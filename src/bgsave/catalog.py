@@ -21,7 +21,9 @@ Nothing here unpickles, and this module never imports torch: ``bgsave ls`` start
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -93,7 +95,7 @@ def rank(infos: Iterable[CheckpointInfo], metric: str, mode: str = "max") -> lis
     """
     sign = 1.0 if check_mode(mode) == "max" else -1.0
     scored = [(sign * v, info.epoch, info) for info in infos if (v := info.metric(metric)) is not None]
-    scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    scored.sort(key=operator.itemgetter(0, 1), reverse=True)
     return [info for _, _, info in scored]
 
 
@@ -112,18 +114,25 @@ class Catalog:
         self.storage = storage
         self.directory = directory
         self._lock = threading.Lock()
-        # sidecar name -> (size, tag, parsed): tag None for what our own writer wrote (not listed yet).
-        self._known: dict[str, tuple[int, object, dict[str, Any]]] = {}
+        self._shown_dir = storage.display(directory).rstrip("/") + "/"  # what users see, but for the name
+        # sidecar name -> its facts when read (tag None: our own writer wrote it, not listed yet), and
+        # its content. Two dicts rather than tuples: a catalog of 10,000 makes the collector work less.
+        self._facts: dict[str, FileFacts] = {}
+        self._sidecars: dict[str, dict[str, Any]] = {}
+        self._infos: dict[bool, dict[int, CheckpointInfo]] = {True: {}, False: {}}  # sized or not
 
     # ---- questions ------------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint, or None: one listing, then the newest pair's sidecar."""
         files = self.storage.list_files(self.directory)
         pts, sidecars = layout.epochs_in(files)
-        for epoch in sorted(pts & sidecars, reverse=True):
+        candidates = pts & sidecars
+        while candidates:  # newest first; an older one only when the newest sidecar is unreadable
+            epoch = max(candidates)
             info = self._committed([epoch], files).get(epoch)
             if info is not None:
                 return info
+            candidates.discard(epoch)
         return None
 
     def get(self, epoch: int) -> CheckpointInfo | None:
@@ -137,13 +146,24 @@ class Catalog:
         return list(self._committed(sorted(pts & sidecars), files).values())
 
     def best(self, metric: str = "score", mode: str = "max") -> CheckpointInfo | None:
-        """The committed checkpoint with the best finite ``metric`` (see :func:`rank`), or None."""
-        ranked = rank(self.committed(), metric, mode)
-        return ranked[0] if ranked else None
+        """The committed checkpoint with the best finite ``metric`` (as :func:`rank` orders them), or None."""
+        files, infos = self._unsized()
+        sign = 1.0 if check_mode(mode) == "max" else -1.0
+        scored = ((v, info) for info in infos if (v := info.metric(metric)) is not None)
+        found = max(scored, key=lambda pair: (sign * pair[0], pair[1].epoch), default=None)
+        return None if found is None else _sized(found[1], files)
 
     def by_min_score(self, min_score: float, metric: str = "score") -> list[CheckpointInfo]:
         """Committed checkpoints whose finite ``metric`` is >= ``min_score``, in epoch order."""
-        return [info for info in self.committed() if (v := info.metric(metric)) is not None and v >= min_score]
+        files, infos = self._unsized()
+        return [_sized(i, files) for i in infos if (v := i.metric(metric)) is not None and v >= min_score]
+
+    def _unsized(self) -> tuple[Mapping[str, FileFacts], list[CheckpointInfo]]:
+        # Ranking needs the sidecars, not the .pt sizes: on local disk each size is a stat, so only the
+        # checkpoints handed back are sized.
+        files = self.storage.list_files(self.directory)
+        pts, sidecars = layout.epochs_in(files)
+        return files, list(self._committed(sorted(pts & sidecars), files, sized=False).values())
 
     def entries(self) -> list[Entry]:
         """Every epoch with a ``.pt`` in the directory, committed or not (and why not), in epoch order."""
@@ -183,12 +203,15 @@ class Catalog:
     def wrote(self, epoch: int, sidecar: Mapping[str, Any], size: int) -> None:
         """Our own writer committed ``sidecar`` (``size`` bytes) for ``epoch``: no need to read it back."""
         with self._lock:
-            self._known[layout.checkpoint_name(epoch, layout.YAML)] = (size, None, dict(sidecar))
+            name = layout.checkpoint_name(epoch, layout.YAML)
+            self._facts[name], self._sidecars[name] = FileFacts(size), dict(sidecar)
 
     def forget(self, epoch: int) -> None:
         """Our own writer removed or is replacing ``epoch``'s sidecar."""
         with self._lock:
-            self._known.pop(layout.checkpoint_name(epoch, layout.YAML), None)
+            name = layout.checkpoint_name(epoch, layout.YAML)
+            self._facts.pop(name, None)
+            self._sidecars.pop(name, None)
 
     def remove(self, infos: Iterable[CheckpointInfo]) -> None:
         """Delete checkpoints, each sidecar first (so a crash leaves an uncommitted ``.pt``), then its ``.pt``.
@@ -217,52 +240,83 @@ class Catalog:
 
     # ---- reading sidecars ------------------------------------------------------------------------
     def _display(self, epoch: int) -> str:
-        return self.storage.display(self.path(epoch))
+        return self._shown_dir + layout.checkpoint_name(epoch, layout.PT)
 
     def _committed(
-        self, epochs: list[int], files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
+        self,
+        epochs: list[int],
+        files: Mapping[str, FileFacts],
+        problems: dict[int, str] | None = None,
+        *,
+        sized: bool = True,
     ) -> dict[int, CheckpointInfo]:
-        """The committed checkpoints among ``epochs``, in epoch order; reads the sidecars it does not know."""
-        found: dict[int, tuple[FileFacts, dict[str, Any]]] = {}
-        todo: dict[str, tuple[int, str, FileFacts]] = {}
+        """The committed checkpoints among ``epochs``, in epoch order; reads the sidecars it does not know.
+
+        ``sized=False``: each ``size`` is -1, for :func:`_sized` to fill in where it is needed.
+        """
+        sizes: dict[int, int] = {}
+        found: dict[int, dict[str, Any]] = {}
+        todo: dict[str, int] = {}  # path -> epoch
         with self._lock:
             for epoch in epochs:
                 name = layout.checkpoint_name(epoch, layout.YAML)
-                facts = files.get(name)
-                pt = files.get(layout.checkpoint_name(epoch, layout.PT))
-                if facts is None or pt is None:
+                pt = files.get(layout.checkpoint_name(epoch, layout.PT)) if sized else None
+                if name not in files or (sized and pt is None):
                     continue
-                known = self._known.get(name)
-                if known is not None and known[0] == facts.size and known[1] in (None, facts.tag):
-                    if facts.tag is not None:
-                        self._known[name] = (facts.size, facts.tag, known[2])
-                    found[epoch] = (pt, known[2])
+                sizes[epoch] = -1 if pt is None else pt.size
+                known = self._facts.get(name)
+                facts = files.get(name) if known is not None else None  # a stat on local disk: only to check
+                if (
+                    known is not None
+                    and facts is not None
+                    and known.size == facts.size
+                    and known.tag in (None, facts.tag)
+                ):
+                    if known.tag is None and facts.tag is not None:  # our own write, now seen listed
+                        self._facts[name] = facts
+                    found[epoch] = self._sidecars[name]
                 else:
-                    todo[self.storage.join_dir(self.directory, name)] = (epoch, name, pt)
-        contents = self.storage.read_many(todo) if todo else {}
-        for path, (epoch, name, pt) in todo.items():
-            source = self.storage.display(path)
-            data = contents[path]
+                    todo[self.storage.join_dir(self.directory, name)] = epoch
+        contents = self.storage.read_many_with_facts(todo) if todo else {}
+        learned: dict[str, FileFacts] = {}
+        for path, epoch in todo.items():
+            read = contents[path]
+            shown = self._shown_dir + layout.checkpoint_name(epoch, layout.YAML)
             try:
-                if isinstance(data, Exception):
-                    raise ValueError(f"{source}: {type(data).__name__}: {data}")
-                sidecar = sidecar_schema.loads(data, source=source)
+                if isinstance(read, Exception):
+                    raise ValueError(f"{shown}: {type(read).__name__}: {read}")
+                sidecar = sidecar_schema.loads(read[0], source=shown)
                 if sidecar["epoch"] != epoch:
-                    raise ValueError(f"{source}: sidecar says epoch {sidecar['epoch']}, file name says {epoch}")
+                    raise ValueError(f"{shown}: sidecar says epoch {sidecar['epoch']}, file name says {epoch}")
             except ValueError as exc:
                 logger.warning("skipping checkpoint with an unreadable sidecar: %s", exc)
                 if problems is not None:
                     problems[epoch] = f"sidecar unreadable: {exc}"
                 continue
-            found[epoch] = (pt, sidecar)
-            facts = files[name]
-            if facts.tag is not None:  # a backend that cannot tell a change gets no cache
-                with self._lock:
-                    self._known[name] = (facts.size, facts.tag, sidecar)
-        return {
-            epoch: CheckpointInfo(epoch, self._display(epoch), found[epoch][0].size, found[epoch][1])
-            for epoch in sorted(found)
-        }
+            found[epoch] = sidecar
+            name = path.rsplit("/", 1)[-1]
+            facts = read[1] or files.get(name)
+            if facts is not None and facts.tag is not None:  # a backend that cannot tell a change gets no cache
+                learned[name] = facts
+        with self._lock:
+            self._facts.update(learned)
+            self._sidecars.update((name, found[todo[self.storage.join_dir(self.directory, name)]]) for name in learned)
+        # The same CheckpointInfo objects while nothing changed: a warm catalog of 10,000 then makes
+        # nothing the garbage collector has to walk (a full collection under torch costs ~0.1 s).
+        made = self._infos[sized]
+        out = {}
+        for epoch in sorted(found):
+            info = made.get(epoch)
+            if info is None or info.sidecar is not found[epoch] or info.size != sizes[epoch]:
+                info = made[epoch] = CheckpointInfo(epoch, self._display(epoch), sizes[epoch], found[epoch])
+            out[epoch] = info
+        return out
+
+
+def _sized(info: CheckpointInfo, files: Mapping[str, FileFacts]) -> CheckpointInfo:
+    """``info`` with the size of its ``.pt`` from the listing (0 if the file went since)."""
+    pt = files.get(layout.checkpoint_name(info.epoch, layout.PT))
+    return dataclasses.replace(info, size=0 if pt is None else pt.size)
 
 
 def find_latest_checkpoint(checkpoint_dir: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:

@@ -16,6 +16,7 @@ own leftovers and never a user's ``.notes.tmp``. Nothing here touches storage.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -73,22 +74,17 @@ def parse(name: str) -> Name | None:
     return None
 
 
+# Exactly the names checkpoint_name writes (4 digits, or more without a leading zero), matched in C
+# over all names at once (a run of 10,000 checkpoints lists 20,000), joined by "/": the one
+# character no file name in a listing holds (a newline could).
+_PT_NAMES = re.compile(r"(?<![^/])model_(\d{4}|[1-9]\d{4,})\.pt(?![^/])", re.ASCII)
+_YAML_NAMES = re.compile(r"(?<![^/])model_(\d{4}|[1-9]\d{4,})\.yaml(?![^/])", re.ASCII)
+
+
 def epochs_in(names: Iterable[str]) -> tuple[set[int], set[int]]:
-    """The epochs that have a ``.pt`` among ``names``, and those that have a sidecar (one pass, no regex)."""
-    pts: set[int] = set()
-    sidecars: set[int] = set()
-    for name in names:
-        if not name.startswith("model_"):
-            continue
-        if name.endswith(".pt"):
-            epoch, into = _epoch(name[6:-3]), pts
-        elif name.endswith(".yaml"):
-            epoch, into = _epoch(name[6:-5]), sidecars
-        else:
-            continue
-        if epoch is not None:
-            into.add(epoch)
-    return pts, sidecars
+    """The epochs that have a ``.pt`` among ``names``, and those that have a sidecar."""
+    text = "/".join(names)
+    return set(map(int, _PT_NAMES.findall(text))), set(map(int, _YAML_NAMES.findall(text)))
 
 
 def sidecar_of(pt_name: str) -> str | None:

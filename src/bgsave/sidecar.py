@@ -172,24 +172,24 @@ def loads(data: bytes, *, source: str) -> dict[str, Any]:
     """
     if len(data) > MAX_BYTES:
         raise ValueError(f"{source}: {len(data)} bytes is too large for a sidecar (at most {MAX_BYTES})")
-    parsed: Any = _fast_load(data)
+    parsed: Any = _fast_load(data)  # plain scalars under str keys only, when it answers
     if parsed is None:
         try:
             parsed = yaml.load(data.decode("utf-8"), Loader=_Loader)  # a safe loader, see _Loader
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ValueError(f"{source}: not a readable YAML sidecar ({exc})") from exc
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{source}: sidecar is not a mapping")
-    # bgsave writes plain scalars only. Anything else (a list, a nested map, an alias bomb whose
-    # nested lists expand when printed) is dropped, so that key counts as missing.
-    dropped = [key for key, value in parsed.items() if not isinstance(key, str) or not _is_scalar(value)]
-    if dropped:
-        logger.warning("%s: ignoring sidecar keys that do not hold a plain scalar: %s", source, dropped)
-        parsed = {key: value for key, value in parsed.items() if key not in dropped}
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{source}: sidecar is not a mapping")
+        # bgsave writes plain scalars only. Anything else (a list, a nested map, an alias bomb whose
+        # nested lists expand when printed) is dropped, so that key counts as missing.
+        dropped = [key for key, value in parsed.items() if not isinstance(key, str) or not _is_scalar(value)]
+        if dropped:
+            logger.warning("%s: ignoring sidecar keys that do not hold a plain scalar: %s", source, dropped)
+            parsed = {key: value for key, value in parsed.items() if key not in dropped}
     epoch = parsed.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise ValueError(f"{source}: sidecar has no integer 'epoch'")
-    return dict(parsed)
+    return parsed  # type: ignore[no-any-return]
 
 
 # Lines of "key: value" in a block mapping in plain style, ASCII only: no quotes, no comments, no

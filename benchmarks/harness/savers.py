@@ -1,12 +1,17 @@
-"""The ways of saving that ``bench_suite.py`` compares, each behind one small interface, ``Saver``.
+"""The ways of saving the scenarios compare, each behind one small interface, ``Saver``.
 
-What each method is, and what it takes to make its checkpoint durable, is in ``bench_suite.py``'s
-docstring. A method whose peer library is missing, or that cannot run here, raises
-``UnavailableError`` (or fails its first save) and is skipped with a note.
+Baselines: ``copy_limit`` (``copy_`` into existing buffers, the least a snapshot can cost),
+``disk_fsync`` / ``disk_direct`` (the disk's own write + fsync, through the page cache or past it)
+and ``sync_torch_save`` (``torch.save`` + fsync). bgsave: ``bgsave`` and ``bgsave_crc32``. Peers:
+DCP's ``async_save`` in thread and process mode, Lightning's ``AsyncCheckpointIO``; what each takes
+to make its checkpoint durable is in ``bench_suite.py``'s docstring. A method whose peer library is
+missing, or that cannot run here, raises ``UnavailableError`` (or fails its first save) and is
+skipped with a note. Used by ``bench_suite.py``, ``bench_gpu.py`` and ``bench_writer_cost.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import inspect
@@ -22,10 +27,19 @@ from typing import Any
 
 import psutil
 import torch
-from common import disk_writer, fsync_path, model_bytes, own_rss, private_rss, remove, torch_save_fsync, trim_heap
 from torch import nn
 
 from bgsave import CheckpointManager
+from harness.measure import (
+    disk_writer,
+    fsync_path,
+    model_bytes,
+    own_rss,
+    private_rss,
+    remove,
+    torch_save_fsync,
+    trim_heap,
+)
 
 
 class UnavailableError(Exception):
@@ -220,6 +234,15 @@ FACTORIES: dict[str, Callable[[nn.Module, Path], Saver]] = {
 }
 METHODS = tuple(FACTORIES)
 CONTROL = "no_save"  # the lost-time control: the same motions as a save, without one
+
+
+def parse_names(text: str) -> list[str]:
+    """``--methods``: a comma list of method names, returned in :data:`METHODS`' order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--methods takes a comma list of {', '.join(METHODS)}; got {text!r}")
+    return [n for n in METHODS if n in names]  # the suite's order, whatever the command line's
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
-"""What the benchmarks share: the model, measuring (peak RSS, round-robin rounds, medians), the machine.
+"""Measuring a save: the model saved, CPU and memory, round-robin rounds with medians, the disk's own speed.
 
-``bench_save.py`` and ``bench_suite.py`` import from here (the scripts' own directory is on ``sys.path``
-when run as ``python benchmarks/<script>.py``). Nothing here writes results; each script does its own.
+``BenchModel`` is the checkpoint every save scenario writes (float32 ``Linear`` layers of a given size).
+``run_rounds`` runs a set of ``Method`` s once per round, round-robin, so all of them see the same
+background load on a shared machine: compare ratios from one run, not absolute figures across runs.
+``disk_writer`` is the disk's own write + fsync (``dd``-like), the bound any writer is held to.
 """
 
 from __future__ import annotations
@@ -9,18 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime as dt
 import gc
 import glob
-import json
 import mmap
 import os
-import platform
 import resource
-import shutil
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,12 +28,7 @@ import psutil
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-# benchmarks/out/ is git-ignored and lies on the repository's disk (not /tmp, which may be tmpfs).
-DEFAULT_PARENT = REPO / "benchmarks" / "out"
 MB = 2**20
-MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -303,89 +294,7 @@ def run_rounds(methods: list[Method], repeats: int, rss: PeakRSS, settle: float)
     return series
 
 
-# ---- the machine ----------------------------------------------------------------------------------
-def mount_of(path: Path) -> dict[str, str]:
-    """The /proc/mounts entry (device, type, options) of the filesystem holding ``path``."""
-    best: dict[str, str] = {}
-    resolved = str(path.resolve())
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                device, mountpoint, fstype, options = line.split()[:4]
-                if (resolved == mountpoint or resolved.startswith(mountpoint.rstrip("/") + "/")) and len(
-                    mountpoint
-                ) >= len(best.get("mountpoint", "")):
-                    best = {"device": device, "mountpoint": mountpoint, "fstype": fstype, "options": options}
-    except OSError:
-        pass
-    return best
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def machine(target: Path) -> dict[str, Any]:
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "memory_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "target_dir": str(target),
-        "target_filesystem": mount_of(target),
-        "tmp_filesystem": mount_of(Path(tempfile.gettempdir())).get("fstype"),
-        "transparent_hugepages": read_text("/sys/kernel/mm/transparent_hugepage/enabled"),
-        "dirty_ratio": read_text("/proc/sys/vm/dirty_ratio"),
-        "dirty_background_ratio": read_text("/proc/sys/vm/dirty_background_ratio"),
-        **load(),
-    }
-
-
-def write_report(
-    out: Path, benchmark: str, started: dt.datetime, body: dict[str, Any], command: str | None = None
-) -> dict[str, Any]:
-    """Write a results file: which benchmark, when, the command line (``sys.argv`` by default), then ``body``."""
-    report = {
-        "benchmark": benchmark,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "command": command or " ".join(["python", *sys.argv]),
-        **body,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def load() -> dict[str, Any]:
-    """How busy the (shared) machine is: load average and CPU / IO pressure, where the kernel reports them."""
-    return {
-        "load_average": os.getloadavg(),
-        "cpu_pressure": read_text("/proc/pressure/cpu"),
-        "io_pressure": read_text("/proc/pressure/io"),
-        # Free page reporting (VMs): freed guest memory handed back to the host, in KiB so far.
-        "page_reporting_order": read_text("/sys/module/page_reporting/parameters/page_reporting_order"),
-        "page_reported_kib": read_text("/sys/module/page_reporting/parameters/reported_kib"),
-    }
-
-
+# ---- the options the save scenarios share ------------------------------------------------------
 def add_run_arguments(parser: argparse.ArgumentParser, quick: str) -> None:
     """The options the save benchmarks share: --sizes, --repeats, --dir, --quick (helped by ``quick``), --settle."""
     parser.add_argument("--sizes", type=parse_sizes, default=[10, 100, 1000], help="model sizes in MB (10,100,1000)")
@@ -410,30 +319,6 @@ def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
         args.settle = 0.0 if args.quick else 3.0
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-
-
-def make_target(parent: Path | None, prefix: str, largest_mb: int) -> tuple[Path, dict[str, Any]]:
-    """A fresh directory under ``parent`` (default ``benchmarks/out``) for checkpoints; the machine's description.
-
-    Refuses (SystemExit) when the disk lacks room for the largest size; warns when the directory
-    lies on a memory filesystem, where fsync costs nothing.
-    """
-    parent = parent if parent is not None else DEFAULT_PARENT
-    parent.mkdir(parents=True, exist_ok=True)
-    need = 2.5 * largest_mb * MB
-    free = shutil.disk_usage(parent).free
-    if free < need:
-        raise SystemExit(f"{parent} has {free / 1e9:.1f} GB free; the largest size needs about {need / 1e9:.1f} GB")
-    target = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    info = machine(target)
-    fs = info["target_filesystem"]
-    if fs.get("fstype") in MEMORY_FILESYSTEMS:
-        print(f"warning: {target} is on {fs['fstype']}: fsync costs nothing there, figures mean little")
-    print(
-        f"{info['cpu_model']}, {info['logical_cpus']} CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"target {target} on {fs.get('fstype', '?')} ({fs.get('device', '?')})"
-    )
-    return target, info
 
 
 def parse_sizes(text: str) -> list[int]:
