@@ -5,7 +5,8 @@ directory of tiny checkpoints is written once (the cost measured is the catalog'
 then, medians of --repeats, each in a *fresh* manager (nothing cached, as a resuming process):
 
   find_latest   mgr.find_latest_checkpoint()
-  find_best     mgr.find_best_checkpoint()           (reads every sidecar)
+  find_best     mgr.find_best_checkpoint()           (every sidecar: from the writer's index where it agrees)
+  find_best_no_index   the same with the index removed (reads every sidecar)
   load_latest   mgr.load_agent()                     (find the latest, then torch.load it)
   warm          find_latest + find_best again on the same manager (its sidecars are known: listings only)
   listing       one listing of checkpoints/ through bgsave's storage and the epochs its names hold
@@ -58,7 +59,8 @@ def _sizes(text: str) -> list[int]:
 
 
 def populate(run_dir: str, n: int, options: dict[str, Any] | None) -> None:
-    """N committed checkpoints of a tiny Linear, written directly (a .pt, then its sidecar)."""
+    """N committed checkpoints of a tiny Linear: N - 1 written directly (a .pt, then its sidecar), the last
+    saved by a manager that first asked for the best, as a resumed run does; it leaves the catalog index."""
     storage = open_storage(run_dir, options)
     directory = storage.join("checkpoints")
     storage.makedirs(directory)
@@ -66,7 +68,7 @@ def populate(run_dir: str, n: int, options: dict[str, Any] | None) -> None:
     torch.save(torch.nn.Linear(4, 4), buf)
     pt = buf.getvalue()
     files: dict[str, bytes] = {}
-    for epoch in range(n):
+    for epoch in range(n - 1):
         meta = {"agent_step": epoch * 2048, "score": (epoch * 7919 % 1000) / 1000, "total_time": epoch * 1.5}
         files[storage.join_dir(directory, checkpoint_name(epoch, "pt"))] = pt
         files[storage.join_dir(directory, checkpoint_name(epoch, "yaml"))] = sidecar_schema.dumps(
@@ -78,6 +80,9 @@ def populate(run_dir: str, n: int, options: dict[str, Any] | None) -> None:
         for path, data in files.items():
             with open(path, "wb") as f:
                 f.write(data)
+    with CheckpointManager(run_dir, RUN, storage_options=options) as writer:
+        writer.find_best_checkpoint()
+        writer.save_agent(torch.nn.Linear(4, 4), n - 1, {"agent_step": (n - 1) * 2048, "score": 0.5})
 
 
 def committed_epochs(storage: Storage) -> set[int]:
@@ -97,9 +102,19 @@ def fresh(run_dir: str, options: dict[str, Any] | None) -> CheckpointManager:
 
 
 def measure_api(run_dir: str, options: dict[str, Any] | None, repeats: int) -> dict[str, float]:
-    rows: dict[str, list[float]] = {k: [] for k in ("find_latest", "find_best", "load_latest", "warm", "listing")}
+    keys = ("find_latest", "find_best", "find_best_no_index", "load_latest", "warm", "listing")
+    rows: dict[str, list[float]] = {k: [] for k in keys}
     storage = open_storage(run_dir, options)
+    index = storage.join("checkpoints", layout.CATALOG_INDEX)
     for _ in range(repeats):
+        saved = storage.read_bytes(index) if storage.is_file(index) else None
+        if saved is not None:  # the same question with no index: every sidecar read
+            storage.delete(index)
+        mgr = fresh(run_dir, options)
+        rows["find_best_no_index"].append(timed(mgr.find_best_checkpoint))
+        mgr.close()
+        if saved is not None:
+            storage.write_bytes_atomic(index, saved)
         rows["listing"].append(timed(lambda: committed_epochs(storage)))
         mgr = fresh(run_dir, options)
         rows["find_latest"].append(timed(mgr.find_latest_checkpoint))

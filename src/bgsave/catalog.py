@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bgsave import layout
+from bgsave import catalog_index, layout
 from bgsave import sidecar as sidecar_schema
 from bgsave.errors import CheckpointWriteError, InvalidArgumentError
 from bgsave.storage import FileFacts, Storage, open_storage
@@ -120,6 +120,7 @@ class Catalog:
         self._facts: dict[str, FileFacts] = {}
         self._sidecars: dict[str, dict[str, Any]] = {}
         self._infos: dict[bool, dict[int, CheckpointInfo]] = {True: {}, False: {}}  # sized or not
+        self._index_tried = False
 
     # ---- questions ------------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
@@ -234,6 +235,43 @@ class Catalog:
                         path=shown,
                     ) from exc
 
+    # ---- the index -------------------------------------------------------------------------------
+    def _load_index(self, files: Mapping[str, FileFacts]) -> None:
+        """Learn the entries of the last writer's index (each still checked against the listing when used)."""
+        self._index_tried = True
+        if layout.CATALOG_INDEX not in files:
+            return
+        path = self.storage.join_dir(self.directory, layout.CATALOG_INDEX)
+        try:
+            entries = catalog_index.loads(self.storage.read_bytes(path))
+        except (OSError, ValueError) as exc:  # only costs reads: every sidecar is read as without one
+            logger.warning("ignoring the catalog index %s: %s", self.storage.display(path), exc)
+            return
+        with self._lock:
+            for name, (facts, sidecar) in entries.items():
+                if name not in self._facts:
+                    self._facts[name], self._sidecars[name] = facts, sidecar
+        logger.debug("loaded %d entries of %s", len(entries), path)
+
+    def save_index(self) -> None:
+        """Write the index of what this catalog knows (the writer, as it closes; see :mod:`bgsave.catalog_index`).
+
+        One listing confirms what our own writer wrote; nothing unknown is read for it. Below
+        :data:`~bgsave.catalog_index.MIN_ENTRIES` known sidecars, no index is written.
+        """
+        files = self.storage.list_files(self.directory)
+        with self._lock:
+            entries = {}
+            for name, facts in self._facts.items():
+                listed = files.get(name)
+                if listed is not None and listed.size == facts.size and facts.tag in (None, listed.tag):
+                    entries[name] = (listed, self._sidecars[name])
+        if len(entries) < catalog_index.MIN_ENTRIES:
+            return
+        path = self.storage.join_dir(self.directory, layout.CATALOG_INDEX)
+        self.storage.write_bytes_atomic(path, catalog_index.dumps(entries))
+        logger.debug("wrote %s (%d sidecars)", path, len(entries))
+
     def path(self, epoch: int, suffix: str = layout.PT) -> str:
         """The fsspec path of epoch's ``.pt`` (or ``.yaml``)."""
         return self.storage.join_dir(self.directory, layout.checkpoint_name(epoch, suffix))
@@ -254,6 +292,8 @@ class Catalog:
 
         ``sized=False``: each ``size`` is -1, for :func:`_sized` to fill in where it is needed.
         """
+        if len(epochs) >= catalog_index.MIN_ENTRIES and not self._index_tried:
+            self._load_index(files)
         sizes: dict[int, int] = {}
         found: dict[int, dict[str, Any]] = {}
         todo: dict[str, int] = {}  # path -> epoch

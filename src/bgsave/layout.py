@@ -6,6 +6,7 @@
     {run_dir}/checkpoints/model_0010.pt         torch.save(agent) of epoch 10
     {run_dir}/checkpoints/model_0010.yaml       its sidecar, written last: its presence commits epoch 10
     {run_dir}/checkpoints/trainer_state.pt      the newest trainer state
+    {run_dir}/checkpoints/.bgsave-catalog.json  what the last writer knew of the sidecars (bgsave.catalog_index)
     {run_dir}/checkpoints/.model_0010.pt.bgsave-tmp   a save in progress (local disk only)
 
 The epoch is zero-padded to four digits and grows past them (``model_12345.pt``); a name that is
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = (
+    "CATALOG_INDEX",
     "CHECKPOINTS",
     "LOCK_NAME",
     "TEMP_MARKER",
@@ -37,6 +39,7 @@ __all__ = (
 CHECKPOINTS = "checkpoints"
 """The folder of a run directory that holds its checkpoints."""
 TRAINER_STATE = "trainer_state.pt"
+CATALOG_INDEX = ".bgsave-catalog.json"
 LOCK_NAME = ".bgsave-writer.lock"
 TEMP_MARKER = ".bgsave-tmp"
 """Ends the name of every temp file bgsave writes: ``.{final name}.bgsave-tmp``."""

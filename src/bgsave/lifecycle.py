@@ -3,7 +3,8 @@
 * **The first write** takes the run's writer lock (:mod:`bgsave.lock`) and then removes what a killed
   writer of this run left in ``checkpoints/``: bgsave's own temp files (``*.bgsave-tmp``), or
   unfinished multipart uploads on object stores. Nothing else is ever deleted.
-* **close()** flushes the worker, stops it, releases the lock and drops the snapshot buffers. A
+* **close()** flushes the worker, stops it, writes the catalog's index (:mod:`bgsave.catalog_index`),
+  releases the lock and drops the snapshot buffers. A
   close that times out leaves the lock held until the abandoned write has stopped: it may still land.
 * **Dropped unclosed, or the interpreter exiting**: a finalizer closes the worker and logs (it can
   raise to no one) the errors nobody saw. It is registered with ``threading._register_atexit``, which
@@ -84,10 +85,20 @@ class Lifecycle:
             self._lock.release()  # a dead worker writes nothing more
             raise
         else:
+            self._save_index()
             self._lock.release()
         finally:
             self._pool.clear()
         self._worker.raise_errors()
+
+    def _save_index(self) -> None:
+        # Only the writer: the run is ours until the lock goes. A failure only costs the next reader reads.
+        if not self._lock.held:
+            return
+        try:
+            self._catalog.save_index()
+        except Exception as exc:
+            logger.warning("could not write the catalog index of %s: %s", self._catalog.directory, exc)
 
 
 def _close_quietly(worker: Worker, pool: SnapshotPool, lock: WriterLock, name: str, *, here: bool = False) -> None:
