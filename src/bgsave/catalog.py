@@ -14,6 +14,8 @@ has read, keyed on what the listing says of each sidecar (size and a tag: inode 
 disk, the ETag on object stores), so a long-lived reader (the manager) reads each sidecar at most
 once in its life and a changed one again; what its own writer wrote is handed over without a read
 (:meth:`Catalog.wrote`). A listing is always taken afresh: the files are the truth, never the cache.
+A new catalog about to read many sidecars first learns the last writer's index
+(:mod:`bgsave.catalog_index`), whose entries pass the same check against the listing.
 
 Nothing here unpickles, and this module never imports torch: ``bgsave ls`` starts in a fraction of
 ``import torch``'s time. Loading is :mod:`bgsave.loading`'s.
@@ -317,11 +319,31 @@ class Catalog:
                     found[epoch] = self._sidecars[name]
                 else:
                     todo[self.storage.join_dir(self.directory, name)] = epoch
-        contents = self.storage.read_many_with_facts(todo) if todo else {}
-        learned: dict[str, FileFacts] = {}
+        if todo:
+            found.update(self._read(todo, files, problems))
+        # The same CheckpointInfo objects while nothing changed: a warm catalog of 10,000 then makes
+        # nothing the garbage collector has to walk (a full collection under torch costs ~0.1 s).
+        made = self._infos[sized]
+        out = {}
+        for epoch in sorted(found):
+            info = made.get(epoch)
+            if info is None or info.sidecar is not found[epoch] or info.size != sizes[epoch]:
+                info = made[epoch] = CheckpointInfo(epoch, self._display(epoch), sizes[epoch], found[epoch])
+            out[epoch] = info
+        return out
+
+    def _read(
+        self, todo: Mapping[str, int], files: Mapping[str, FileFacts], problems: dict[int, str] | None
+    ) -> dict[int, dict[str, Any]]:
+        """Read the sidecars at ``todo``'s paths (path -> epoch), remember them, and return the readable ones."""
+        contents = self.storage.read_many_with_facts(todo)
+        out: dict[int, dict[str, Any]] = {}
+        facts_of: dict[str, FileFacts] = {}
+        sidecar_of: dict[str, dict[str, Any]] = {}
         for path, epoch in todo.items():
             read = contents[path]
-            shown = self._shown_dir + layout.checkpoint_name(epoch, layout.YAML)
+            name = layout.checkpoint_name(epoch, layout.YAML)
+            shown = self._shown_dir + name
             try:
                 if isinstance(read, Exception):
                     raise ValueError(f"{shown}: {type(read).__name__}: {read}")
@@ -333,23 +355,14 @@ class Catalog:
                 if problems is not None:
                     problems[epoch] = f"sidecar unreadable: {exc}"
                 continue
-            found[epoch] = sidecar
-            name = path.rsplit("/", 1)[-1]
+            out[epoch] = sidecar
+            # The facts of what was read, where the read gives them (an open file's fstat), else the listing's.
             facts = read[1] or files.get(name)
             if facts is not None and facts.tag is not None:  # a backend that cannot tell a change gets no cache
-                learned[name] = facts
+                facts_of[name], sidecar_of[name] = facts, sidecar
         with self._lock:
-            self._facts.update(learned)
-            self._sidecars.update((name, found[todo[self.storage.join_dir(self.directory, name)]]) for name in learned)
-        # The same CheckpointInfo objects while nothing changed: a warm catalog of 10,000 then makes
-        # nothing the garbage collector has to walk (a full collection under torch costs ~0.1 s).
-        made = self._infos[sized]
-        out = {}
-        for epoch in sorted(found):
-            info = made.get(epoch)
-            if info is None or info.sidecar is not found[epoch] or info.size != sizes[epoch]:
-                info = made[epoch] = CheckpointInfo(epoch, self._display(epoch), sizes[epoch], found[epoch])
-            out[epoch] = info
+            self._facts.update(facts_of)
+            self._sidecars.update(sidecar_of)
         return out
 
 
