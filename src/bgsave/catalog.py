@@ -245,15 +245,16 @@ class Catalog:
             return
         path = self.storage.join_dir(self.directory, layout.CATALOG_INDEX)
         try:
-            entries = catalog_index.loads(self.storage.read_bytes(path))
+            facts, sidecars = catalog_index.loads(self.storage.read_bytes(path))
         except (OSError, ValueError) as exc:  # only costs reads: every sidecar is read as without one
             logger.warning("ignoring the catalog index %s: %s", self.storage.display(path), exc)
             return
         with self._lock:
-            for name, (facts, sidecar) in entries.items():
-                if name not in self._facts:
-                    self._facts[name], self._sidecars[name] = facts, sidecar
-        logger.debug("loaded %d entries of %s", len(entries), path)
+            # What this catalog read itself is newer than the index: it stays.
+            facts.update(self._facts)
+            sidecars.update(self._sidecars)
+            self._facts, self._sidecars = facts, sidecars
+        logger.debug("loaded %d entries of %s", len(facts), path)
 
     def save_index(self) -> None:
         """Write the index of what this catalog knows (the writer, as it closes; see :mod:`bgsave.catalog_index`).

@@ -39,8 +39,10 @@ def dumps(entries: Mapping[str, tuple[FileFacts, Mapping[str, Any]]]) -> bytes:
     return json.dumps({"format": FORMAT, "sidecars": out}, separators=(",", ":")).encode()
 
 
-def loads(data: bytes) -> dict[str, tuple[FileFacts, dict[str, Any]]]:
-    """The entries of an index whose shape is right (name, size, tag and the sidecar's epoch agree; others dropped).
+def loads(data: bytes) -> tuple[dict[str, FileFacts], dict[str, dict[str, Any]]]:
+    """Each indexed sidecar's facts (as listed when indexed) and content, by name; entries of a wrong shape dropped.
+
+    An entry's shape is right when its name, size, tag and the sidecar's epoch agree.
 
     Raises:
         ValueError: not JSON, or not an index of this format.
@@ -48,7 +50,8 @@ def loads(data: bytes) -> dict[str, tuple[FileFacts, dict[str, Any]]]:
     parsed = json.loads(data)
     if not isinstance(parsed, dict) or parsed.get("format") != FORMAT or not isinstance(parsed.get("sidecars"), dict):
         raise ValueError(f"not a bgsave catalog index of format {FORMAT}")
-    out = {}
+    facts: dict[str, FileFacts] = {}
+    sidecars: dict[str, dict[str, Any]] = {}
     for name, entry in parsed["sidecars"].items():
         # Plain type checks, no walk of the values: 10,000 entries are read where 10,000 files were.
         if type(entry) is not list or len(entry) != 3:
@@ -58,5 +61,5 @@ def loads(data: bytes) -> dict[str, tuple[FileFacts, dict[str, Any]]]:
             continue
         epoch = sidecar.get("epoch")
         if type(epoch) is int and name == layout.checkpoint_name(epoch, layout.YAML):
-            out[name] = (FileFacts(size, None, tag), sidecar)
-    return out
+            facts[name], sidecars[name] = FileFacts(size, None, tag), sidecar
+    return facts, sidecars

@@ -106,13 +106,22 @@ class _Listing(Mapping[str, FileFacts]):
         self._facts: dict[str, FileFacts] = {}
 
     def __getitem__(self, name: str) -> FileFacts:
+        facts = self.get(name)
+        if facts is None:
+            raise KeyError(name)
+        return facts
+
+    def get(self, name: str, default: FileFacts | None = None) -> FileFacts | None:  # type: ignore[override]
+        """The facts of ``name`` (one ``stat`` the first time), or ``default`` if it is not (or no longer) there."""
         facts = self._facts.get(name)
         if facts is None:
+            entry = self._entries.get(name)
+            if entry is None:
+                return default
             try:
-                st = self._entries[name].stat()
+                facts = self._facts[name] = _facts(entry.stat())
             except FileNotFoundError:
-                raise KeyError(name) from None
-            facts = self._facts[name] = _facts(st)
+                return default
         return facts
 
     def __contains__(self, name: object) -> bool:
