@@ -127,9 +127,7 @@ class Catalog:
     # ---- questions ------------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint, or None: one listing, then the newest pair's sidecar."""
-        files = self.storage.list_files(self.directory)
-        pts, sidecars = layout.epochs_in(files)
-        candidates = pts & sidecars
+        files, _, candidates = self._listing()
         while candidates:  # newest first; an older one only when the newest sidecar is unreadable
             epoch = max(candidates)
             info = self._committed([epoch], files).get(epoch)
@@ -144,9 +142,8 @@ class Catalog:
 
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, in epoch order; unreadable sidecars are skipped with a WARNING."""
-        files = self.storage.list_files(self.directory)
-        pts, sidecars = layout.epochs_in(files)
-        return list(self._committed(sorted(pts & sidecars), files).values())
+        files, _, epochs = self._listing()
+        return list(self._committed(sorted(epochs), files).values())
 
     def best(self, metric: str = "score", mode: str = "max") -> CheckpointInfo | None:
         """The committed checkpoint with the best finite ``metric`` (as :func:`rank` orders them), or None."""
@@ -161,19 +158,23 @@ class Catalog:
         files, infos = self._unsized()
         return [_sized(i, files) for i in infos if (v := i.metric(metric)) is not None and v >= min_score]
 
+    def _listing(self) -> tuple[Mapping[str, FileFacts], set[int], set[int]]:
+        """One listing: its files, the epochs with a ``.pt``, and those with both files."""
+        files = self.storage.list_files(self.directory)
+        pts, sidecars = layout.epochs_in(files)
+        return files, pts, pts & sidecars
+
     def _unsized(self) -> tuple[Mapping[str, FileFacts], list[CheckpointInfo]]:
         # Ranking needs the sidecars, not the .pt sizes: on local disk each size is a stat, so only the
         # checkpoints handed back are sized.
-        files = self.storage.list_files(self.directory)
-        pts, sidecars = layout.epochs_in(files)
-        return files, list(self._committed(sorted(pts & sidecars), files, sized=False).values())
+        files, _, epochs = self._listing()
+        return files, list(self._committed(sorted(epochs), files, sized=False).values())
 
     def entries(self) -> list[Entry]:
         """Every epoch with a ``.pt`` in the directory, committed or not (and why not), in epoch order."""
-        files = self.storage.list_files(self.directory)
-        pts, sidecars = layout.epochs_in(files)
+        files, pts, epochs = self._listing()
         problems: dict[int, str] = {}
-        infos = self._committed(sorted(pts & sidecars), files, problems)
+        infos = self._committed(sorted(epochs), files, problems)
         return [
             Entry(
                 epoch,
@@ -262,12 +263,14 @@ class Catalog:
         One listing confirms what our own writer wrote; nothing unknown is read for it. Below
         :data:`~bgsave.catalog_index.MIN_ENTRIES` known sidecars, no index is written.
         """
+        if len(self._facts) < catalog_index.MIN_ENTRIES:
+            return  # too few to be worth an index: not even a listing
         files = self.storage.list_files(self.directory)
         with self._lock:
             entries = {}
             for name, facts in self._facts.items():
                 listed = files.get(name)
-                if listed is not None and listed.size == facts.size and facts.tag in (None, listed.tag):
+                if listed is not None and _unchanged(facts, listed):
                     entries[name] = (listed, self._sidecars[name])
         if len(entries) < catalog_index.MIN_ENTRIES:
             return
@@ -309,12 +312,7 @@ class Catalog:
                 sizes[epoch] = -1 if pt is None else pt.size
                 known = self._facts.get(name)
                 facts = files.get(name) if known is not None else None  # a stat on local disk: only to check
-                if (
-                    known is not None
-                    and facts is not None
-                    and known.size == facts.size
-                    and known.tag in (None, facts.tag)
-                ):
+                if known is not None and facts is not None and _unchanged(known, facts):
                     if known.tag is None and facts.tag is not None:  # our own write, now seen listed
                         self._facts[name] = facts
                     found[epoch] = self._sidecars[name]
@@ -365,6 +363,11 @@ class Catalog:
             self._facts.update(facts_of)
             self._sidecars.update(sidecar_of)
         return out
+
+
+def _unchanged(known: FileFacts, listed: FileFacts) -> bool:
+    """Whether a sidecar known as ``known`` is still the one ``listed`` (our own write: size only, until listed)."""
+    return known.size == listed.size and known.tag in (None, listed.tag)
 
 
 def _sized(info: CheckpointInfo, files: Mapping[str, FileFacts]) -> CheckpointInfo:

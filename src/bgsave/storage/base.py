@@ -73,6 +73,13 @@ def mtime_of(entry: dict[str, Any]) -> float | None:
     return None
 
 
+def facts_of(entry: dict[str, Any]) -> FileFacts:
+    """A listing or ``info`` entry's facts: size, modification time, and the ETag (or MD5) as the tag."""
+    return FileFacts(
+        int(entry.get("size") or 0), mtime_of(entry), entry.get("ETag") or entry.get("etag") or entry.get("md5Hash")
+    )
+
+
 class Storage:
     """The file operations of one directory tree, addressed by fsspec paths; one subclass per backend.
 
@@ -216,9 +223,7 @@ class Storage:
             return entries
 
         return {
-            e["name"].rstrip("/").rsplit("/", 1)[-1]: FileFacts(
-                int(e.get("size") or 0), mtime_of(e), e.get("ETag") or e.get("etag") or e.get("md5Hash")
-            )
+            e["name"].rstrip("/").rsplit("/", 1)[-1]: facts_of(e)
             for e in self.retrying("listing", directory, listing)
             if e.get("type") == "file"
         }
@@ -302,7 +307,7 @@ class Storage:
                 return None
             if entry.get("type") != "file":
                 return None
-            return FileFacts(int(entry.get("size") or 0), mtime_of(entry), entry.get("ETag"))
+            return facts_of(entry)
 
         return self.retrying("checking", path, stat)
 

@@ -249,20 +249,18 @@ class LocalStorage(Storage):
 
     def read_many(self, paths: Iterable[str]) -> dict[str, bytes | Exception]:
         """Each small file read with one ``os.read`` (the io stack costs more than the read)."""
-        out: dict[str, bytes | Exception] = {}
-        for path in paths:
-            try:
-                out[path] = _read_small(path)[0]
-            except OSError as exc:
-                out[path] = exc
-        return out
+        return {path: read if isinstance(read, Exception) else read[0] for path, read in self._read_all(paths).items()}
 
     def read_many_with_facts(self, paths: Iterable[str]) -> dict[str, tuple[bytes, FileFacts | None] | Exception]:
         """Each file read and ``fstat``-ed through one open."""
+        return self._read_all(paths, stat=True)
+
+    @staticmethod
+    def _read_all(paths: Iterable[str], stat: bool = False) -> dict[str, tuple[bytes, FileFacts | None] | Exception]:
         out: dict[str, tuple[bytes, FileFacts | None] | Exception] = {}
         for path in paths:
             try:
-                out[path] = _read_small(path, stat=True)
+                out[path] = _read_small(path, stat)
             except OSError as exc:
                 out[path] = exc
         return out
