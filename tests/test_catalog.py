@@ -153,3 +153,16 @@ def test_entries_say_why_a_checkpoint_is_not_committed(local_run_dir: str) -> No
     assert "says epoch 7" in entries[2].problem
     assert Catalog(storage, directory).entry(5).problem == "the .pt is missing"
     assert Catalog(storage, directory).entry(9).problem == "no sidecar"
+
+
+def test_find_latest_checkpoint_takes_the_run_directory_or_its_checkpoints(local_run_dir: str) -> None:
+    """bgsave.find_latest_checkpoint finds the same path given the run directory or its checkpoints/ folder."""
+    from bgsave import find_latest_checkpoint
+
+    with CheckpointManager(local_run_dir, "any") as mgr:
+        save_losses(mgr)
+        expected = mgr.find_latest_checkpoint()
+    assert expected is not None and epoch_of(expected) == 4
+    assert find_latest_checkpoint(os.path.join(local_run_dir, "checkpoints")) == expected
+    assert find_latest_checkpoint(local_run_dir) == expected
+    assert find_latest_checkpoint(os.path.join(local_run_dir, "nothing-here")) is None
