@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from bgsave import CheckpointManager
+from bgsave import CheckpointManager, catalog_index
 from bgsave import sidecar as sidecar_schema
 from bgsave.catalog import Catalog
 from bgsave.catalog_index import MIN_ENTRIES
@@ -94,11 +94,26 @@ def test_a_forged_entry_for_another_file_is_not_used(local_run_dir: str) -> None
     index = os.path.join(local_run_dir, "checkpoints", CATALOG_INDEX)
     with open(index) as f:
         parsed = json.load(f)
-    parsed["sidecars"][checkpoint_name(7, "yaml")][2]["score"] = 9999.0  # content claimed for an unchanged file
-    parsed["sidecars"][checkpoint_name(7, "yaml")][1] = 12345  # ...but its tag no longer matches
+    i = parsed["names"].index(checkpoint_name(7, "yaml"))
+    parsed["sidecars"][i]["score"] = 9999.0  # content claimed for an unchanged file
+    parsed["tags"][i] = 12345  # ...but its tag no longer matches
     with open(index, "w") as f:
         json.dump(parsed, f)
     catalog, reads = fresh(local_run_dir)
     best = catalog.best("score")
     assert best is not None and best.sidecar["score"] == 49.0
     assert reads.files == 1
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {"format": 1, "sidecars": {}},  # the first format: a list per entry
+        {"format": 2, "names": ["model_0001.yaml"], "sizes": [], "tags": [], "sidecars": []},  # columns unequal
+        {"format": 2, "names": {}, "sizes": [], "tags": [], "sidecars": []},
+    ],
+)
+def test_an_index_of_another_shape_is_refused(index: dict[str, object]) -> None:
+    """loads() refuses what is not this format's four equal columns; the catalog then ignores the index."""
+    with pytest.raises(ValueError):
+        catalog_index.loads(json.dumps(index).encode())

@@ -23,7 +23,6 @@ Nothing here unpickles, and this module never imports torch: ``bgsave ls`` start
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
 import threading
@@ -41,6 +40,9 @@ __all__ = ("MODES", "Catalog", "CheckpointInfo", "Entry", "check_mode", "find_la
 logger = logging.getLogger(__name__)
 
 MODES = ("max", "min")
+
+Known = tuple[int, object]
+"""What a catalog knows of a sidecar it read: (size, tag) as listed then; tag None: our own write."""
 
 
 def check_mode(mode: object, *, argument: str = "mode") -> str:
@@ -117,11 +119,12 @@ class Catalog:
         self.directory = directory
         self._lock = threading.Lock()
         self._shown_dir = storage.display(directory).rstrip("/") + "/"  # what users see, but for the name
-        # sidecar name -> its facts when read (tag None: our own writer wrote it, not listed yet), and
-        # its content. Two dicts rather than tuples: a catalog of 10,000 makes the collector work less.
-        self._facts: dict[str, FileFacts] = {}
+        # sidecar name -> (size, tag) when read (tag None: our own writer wrote it, not listed yet), and
+        # its content. Plain tuples of atomic values, which the garbage collector stops tracking, in two
+        # dicts: a catalog of 10,000 then leaves the collector 10,000 objects to walk, not 30,000.
+        self._facts: dict[str, Known] = {}
         self._sidecars: dict[str, dict[str, Any]] = {}
-        self._infos: dict[bool, dict[int, CheckpointInfo]] = {True: {}, False: {}}  # sized or not
+        self._infos: dict[int, CheckpointInfo] = {}
         self._index_tried = False
 
     # ---- questions ------------------------------------------------------------------------------
@@ -130,33 +133,34 @@ class Catalog:
         files, _, candidates = self._listing()
         while candidates:  # newest first; an older one only when the newest sidecar is unreadable
             epoch = max(candidates)
-            info = self._committed([epoch], files).get(epoch)
-            if info is not None:
-                return info
+            found = self._infos_of(self._sidecars_of([epoch], files), files)
+            if found:
+                return found[0]
             candidates.discard(epoch)
         return None
 
     def get(self, epoch: int) -> CheckpointInfo | None:
         """Epoch's committed checkpoint, or None when it has none."""
-        return self._committed([epoch], self.storage.list_files(self.directory)).get(epoch)
+        files = self.storage.list_files(self.directory)
+        found = self._infos_of(self._sidecars_of([epoch], files), files)
+        return found[0] if found else None
 
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, in epoch order; unreadable sidecars are skipped with a WARNING."""
         files, _, epochs = self._listing()
-        return list(self._committed(sorted(epochs), files).values())
+        return self._infos_of(self._sidecars_of(sorted(epochs), files), files)
 
     def best(self, metric: str = "score", mode: str = "max") -> CheckpointInfo | None:
         """The committed checkpoint with the best finite ``metric`` (as :func:`rank` orders them), or None."""
-        files, infos = self._unsized()
         sign = 1.0 if check_mode(mode) == "max" else -1.0
-        scored = ((v, info) for info in infos if (v := info.metric(metric)) is not None)
-        found = max(scored, key=lambda pair: (sign * pair[0], pair[1].epoch), default=None)
-        return None if found is None else _sized(found[1], files)
+        files, found, values = self._scored(metric)
+        best = max(values, key=lambda epoch: (sign * values[epoch], epoch), default=None)
+        return None if best is None else self._infos_of({best: found[best]}, files)[0]
 
     def by_min_score(self, min_score: float, metric: str = "score") -> list[CheckpointInfo]:
         """Committed checkpoints whose finite ``metric`` is >= ``min_score``, in epoch order."""
-        files, infos = self._unsized()
-        return [_sized(i, files) for i in infos if (v := i.metric(metric)) is not None and v >= min_score]
+        files, found, values = self._scored(metric)
+        return self._infos_of({epoch: found[epoch] for epoch, v in values.items() if v >= min_score}, files)
 
     def _listing(self) -> tuple[Mapping[str, FileFacts], set[int], set[int]]:
         """One listing: its files, the epochs with a ``.pt``, and those with both files."""
@@ -164,17 +168,23 @@ class Catalog:
         pts, sidecars = layout.epochs_in(files)
         return files, pts, pts & sidecars
 
-    def _unsized(self) -> tuple[Mapping[str, FileFacts], list[CheckpointInfo]]:
-        # Ranking needs the sidecars, not the .pt sizes: on local disk each size is a stat, so only the
-        # checkpoints handed back are sized.
+    def _scored(self, metric: str) -> tuple[Mapping[str, FileFacts], dict[int, dict[str, Any]], dict[int, float]]:
+        """One listing, the committed sidecars, and each one's finite ``metric`` by epoch (all in epoch order).
+
+        Ranking makes no CheckpointInfo, only what is handed back does: on local disk each one's size
+        is a stat, and a cold catalog of 10,000 would make 10,000 more objects for the collector.
+        """
         files, _, epochs = self._listing()
-        return files, list(self._committed(sorted(epochs), files, sized=False).values())
+        found = self._sidecars_of(sorted(epochs), files)
+        value = sidecar_schema.metric_value
+        return files, found, {e: v for e, sidecar in found.items() if (v := value(sidecar, metric)) is not None}
 
     def entries(self) -> list[Entry]:
         """Every epoch with a ``.pt`` in the directory, committed or not (and why not), in epoch order."""
         files, pts, epochs = self._listing()
         problems: dict[int, str] = {}
-        infos = self._committed(sorted(epochs), files, problems)
+        found = self._sidecars_of(sorted(epochs), files, problems)
+        infos = {info.epoch: info for info in self._infos_of(found, files)}
         return [
             Entry(
                 epoch,
@@ -192,7 +202,8 @@ class Catalog:
         pt = files.get(layout.checkpoint_name(epoch, layout.PT))
         has_sidecar = layout.checkpoint_name(epoch, layout.YAML) in files
         problems: dict[int, str] = {}
-        info = self._committed([epoch], files, problems).get(epoch)
+        found = self._infos_of(self._sidecars_of([epoch], files, problems), files)
+        info = found[0] if found else None
         if info is not None:
             problem = ""
         elif not has_sidecar:
@@ -208,7 +219,7 @@ class Catalog:
         """Our own writer committed ``sidecar`` (``size`` bytes) for ``epoch``: no need to read it back."""
         with self._lock:
             name = layout.checkpoint_name(epoch, layout.YAML)
-            self._facts[name], self._sidecars[name] = FileFacts(size), dict(sidecar)
+            self._facts[name], self._sidecars[name] = (size, None), dict(sidecar)
 
     def forget(self, epoch: int) -> None:
         """Our own writer removed or is replacing ``epoch``'s sidecar."""
@@ -286,49 +297,52 @@ class Catalog:
     def _display(self, epoch: int) -> str:
         return self._shown_dir + layout.checkpoint_name(epoch, layout.PT)
 
-    def _committed(
-        self,
-        epochs: list[int],
-        files: Mapping[str, FileFacts],
-        problems: dict[int, str] | None = None,
-        *,
-        sized: bool = True,
-    ) -> dict[int, CheckpointInfo]:
-        """The committed checkpoints among ``epochs``, in epoch order; reads the sidecars it does not know.
-
-        ``sized=False``: each ``size`` is -1, for :func:`_sized` to fill in where it is needed.
-        """
+    def _sidecars_of(
+        self, epochs: list[int], files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """The sidecars of the committed checkpoints among ``epochs`` (in that order); reads those it does not know."""
         if len(epochs) >= catalog_index.MIN_ENTRIES and not self._index_tried:
             self._load_index(files)
-        sizes: dict[int, int] = {}
         found: dict[int, dict[str, Any]] = {}
         todo: dict[str, int] = {}  # path -> epoch
+        known_facts, known_sidecars = self._facts, self._sidecars
         with self._lock:
             for epoch in epochs:
                 name = layout.checkpoint_name(epoch, layout.YAML)
-                pt = files.get(layout.checkpoint_name(epoch, layout.PT)) if sized else None
-                if name not in files or (sized and pt is None):
+                known = known_facts.get(name)
+                if known is None:
+                    if name in files:
+                        todo[self.storage.join_dir(self.directory, name)] = epoch
                     continue
-                sizes[epoch] = -1 if pt is None else pt.size
-                known = self._facts.get(name)
-                facts = files.get(name) if known is not None else None  # a stat on local disk: only to check
-                if known is not None and facts is not None and _unchanged(known, facts):
-                    if known.tag is None and facts.tag is not None:  # our own write, now seen listed
-                        self._facts[name] = facts
-                    found[epoch] = self._sidecars[name]
+                listed = files.get(name)  # a stat on local disk: only to check what is known
+                if listed is None:
+                    continue
+                if _unchanged(known, listed):
+                    if known[1] is None and listed.tag is not None:  # our own write, now seen listed
+                        known_facts[name] = (listed.size, listed.tag)
+                    found[epoch] = known_sidecars[name]
                 else:
                     todo[self.storage.join_dir(self.directory, name)] = epoch
         if todo:
             found.update(self._read(todo, files, problems))
-        # The same CheckpointInfo objects while nothing changed: a warm catalog of 10,000 then makes
-        # nothing the garbage collector has to walk (a full collection under torch costs ~0.1 s).
-        made = self._infos[sized]
-        out = {}
-        for epoch in sorted(found):
-            info = made.get(epoch)
-            if info is None or info.sidecar is not found[epoch] or info.size != sizes[epoch]:
-                info = made[epoch] = CheckpointInfo(epoch, self._display(epoch), sizes[epoch], found[epoch])
-            out[epoch] = info
+            found = {epoch: found[epoch] for epoch in epochs if epoch in found}
+        return found
+
+    def _infos_of(self, sidecars: Mapping[int, dict[str, Any]], files: Mapping[str, FileFacts]) -> list[CheckpointInfo]:
+        """A CheckpointInfo for each epoch's sidecar whose ``.pt`` is listed, sized from the listing, in order.
+
+        The same objects while nothing changed: a warm catalog of 10,000 then makes nothing the
+        garbage collector has to walk (a full collection under torch costs ~0.1 s).
+        """
+        out = []
+        for epoch, sidecar in sidecars.items():
+            pt = files.get(layout.checkpoint_name(epoch, layout.PT))
+            if pt is None:  # not committed, or gone since the listing
+                continue
+            info = self._infos.get(epoch)
+            if info is None or info.sidecar is not sidecar or info.size != pt.size:
+                info = self._infos[epoch] = CheckpointInfo(epoch, self._display(epoch), pt.size, sidecar)
+            out.append(info)
         return out
 
     def _read(
@@ -337,7 +351,7 @@ class Catalog:
         """Read the sidecars at ``todo``'s paths (path -> epoch), remember them, and return the readable ones."""
         contents = self.storage.read_many_with_facts(todo)
         out: dict[int, dict[str, Any]] = {}
-        facts_of: dict[str, FileFacts] = {}
+        facts_of: dict[str, Known] = {}
         sidecar_of: dict[str, dict[str, Any]] = {}
         for path, epoch in todo.items():
             read = contents[path]
@@ -358,22 +372,16 @@ class Catalog:
             # The facts of what was read, where the read gives them (an open file's fstat), else the listing's.
             facts = read[1] or files.get(name)
             if facts is not None and facts.tag is not None:  # a backend that cannot tell a change gets no cache
-                facts_of[name], sidecar_of[name] = facts, sidecar
+                facts_of[name], sidecar_of[name] = (facts.size, facts.tag), sidecar
         with self._lock:
             self._facts.update(facts_of)
             self._sidecars.update(sidecar_of)
         return out
 
 
-def _unchanged(known: FileFacts, listed: FileFacts) -> bool:
+def _unchanged(known: Known, listed: FileFacts) -> bool:
     """Whether a sidecar known as ``known`` is still the one ``listed`` (our own write: size only, until listed)."""
-    return known.size == listed.size and known.tag in (None, listed.tag)
-
-
-def _sized(info: CheckpointInfo, files: Mapping[str, FileFacts]) -> CheckpointInfo:
-    """``info`` with the size of its ``.pt`` from the listing (0 if the file went since)."""
-    pt = files.get(layout.checkpoint_name(info.epoch, layout.PT))
-    return dataclasses.replace(info, size=0 if pt is None else pt.size)
+    return known[0] == listed.size and known[1] in (None, listed.tag)
 
 
 def find_latest_checkpoint(checkpoint_dir: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:

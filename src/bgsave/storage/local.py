@@ -94,16 +94,16 @@ def _facts(st: os.stat_result) -> FileFacts:
 
 
 class _Listing(Mapping[str, FileFacts]):
-    """The files of one ``scandir``: names at once, each one's facts (one ``stat``) when first looked up.
+    """The files of one ``scandir``: names at once, a file's facts (one ``stat``) when looked up.
 
     Finding the latest of 10,000 checkpoints needs the facts of two files, not 20,000 stats. The
     tag is (inode, mtime in ns), which a rename onto the name changes. A file gone since the
-    listing is missing here too.
+    listing is missing here too. Facts are not kept: each lookup stats afresh, and 10,000 kept
+    named tuples would be 10,000 more objects for the garbage collector to walk.
     """
 
     def __init__(self, entries: dict[str, os.DirEntry[str]]) -> None:
         self._entries = entries
-        self._facts: dict[str, FileFacts] = {}
 
     def __getitem__(self, name: str) -> FileFacts:
         facts = self.get(name)
@@ -112,17 +112,14 @@ class _Listing(Mapping[str, FileFacts]):
         return facts
 
     def get(self, name: str, default: FileFacts | None = None) -> FileFacts | None:  # type: ignore[override]
-        """The facts of ``name`` (one ``stat`` the first time), or ``default`` if it is not (or no longer) there."""
-        facts = self._facts.get(name)
-        if facts is None:
-            entry = self._entries.get(name)
-            if entry is None:
-                return default
-            try:
-                facts = self._facts[name] = _facts(entry.stat())
-            except FileNotFoundError:
-                return default
-        return facts
+        """The facts of ``name`` (one ``stat``), or ``default`` if it is not (or no longer) there."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return default
+        try:
+            return _facts(os.stat(entry.path))
+        except FileNotFoundError:
+            return default
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
