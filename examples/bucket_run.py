@@ -93,11 +93,9 @@ def train(run_dir: str, *, epochs: int, save_every: int, stop_after: int | None 
         else:
             # bgsave: RunStart.info is the resumed checkpoint's sidecar.
             total_time = start.info.sidecar["total_time"]
-            state = start.trainer_state
-            # None when the trainer state in the bucket belongs to another epoch (bgsave logs a warning).
-            if state is not None:
-                optimizer.load_state_dict(state["optimizer_state"])
-            restored = "optimizer state restored" if state is not None else "fresh optimizer"
+            # bgsave: the optimizer state saved with this epoch (start_run resumes an epoch that has one).
+            start.restore(optimizer)
+            restored = "optimizer state restored" if start.trainer_state is not None else "fresh optimizer"
             print(f"resumed from epoch {start.epoch} in {mgr.checkpoint_dir} (agent_step {agent_step}, {restored})")
         if start.epoch >= epochs:
             print(f"nothing left to train: the run is at epoch {start.epoch} of {epochs}")

@@ -13,9 +13,11 @@ The flow, each bgsave call marked ``# bgsave:``:
    After each commit the manager deletes the older checkpoints, keeping the ``--keep-last`` newest and the best.
 3. Preemption: after epoch ``--stop-after`` the job stops, as if its machine were taken away. Closing the manager
    lets the queued saves finish; epochs after the last checkpoint are lost.
-4. Resume: a new job runs the same code. ``start_run`` finds the latest checkpoint, and the optimizer state is
-   restored from the trainer state saved with it. Each epoch is seeded by its number, so the lost epochs are
-   redone exactly as they first ran, and the result matches an uninterrupted run.
+4. Resume: a new job runs the same code. ``start_run`` finds the latest checkpoint and ``restore`` puts back the
+   optimizer state and the random number generators saved with it. Each epoch's episodes are drawn from the
+   restored RNG, so the lost epochs are redone exactly as they first ran, and the result is bitwise the same as an
+   uninterrupted run's, however often and wherever the job is killed (``kill -9`` included):
+   ``tests/test_exact_resume.py`` and ``scripts/resume_soak.py`` check it with ``--print-digest``.
 5. Each job ends by printing how long training was blocked by each save, next to how long the write took in the
    background. Last, the run's checkpoints as their YAML sidecars describe them, and the best one by score, loaded
    back and evaluated.
@@ -27,6 +29,7 @@ the summary. Delete the directory to start over.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import statistics
 import time
@@ -45,8 +48,18 @@ LEARNING_RATE = 0.01
 
 
 def make_policy() -> Policy:
+    # Seeds the global RNG too: the episodes of every epoch are drawn from it, so the run is one random stream.
     torch.manual_seed(SEED)
     return Policy()
+
+
+def digest(policy: Policy) -> str:
+    """sha256 of the policy's parameters and buffers, in state_dict order: equal only for bitwise equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in policy.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def reinforce_update(policy: Policy, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[float, int]:
@@ -73,29 +86,35 @@ def evaluate(policy: Policy) -> float:
     return rewards.sum(0).mean().item()
 
 
-def train(run_dir: str, *, epochs: int, save_every: int, keep_last: int | None, stop_after: int | None = None) -> bool:
-    """Train the run in ``run_dir`` up to ``epochs``, resuming it if it exists; False if preempted."""
+def train(
+    run_dir: str, *, epochs: int, save_every: int, keep_last: int | None, stop_after: int | None = None
+) -> tuple[bool, Policy]:
+    """Train the run in ``run_dir`` up to ``epochs``, resuming it if it exists; (False if preempted, the policy)."""
     # bgsave: one manager per run. After each commit it deletes all but the `keep_last` newest checkpoints
     # and the best one by score. Leaving the `with` block waits until every queued save is on disk.
     retention = {"keep_last": keep_last, "keep_best": 1} if keep_last else {}
     with CheckpointManager(run_dir, Path(run_dir).name, **retention) as mgr:
-        # bgsave: load the latest checkpoint, or call make_policy() and save the new policy as epoch 0.
-        start = mgr.start_run(make_policy)
+        # bgsave: load the latest checkpoint whose trainer state is committed with it, or call make_policy() and
+        # save the new policy as epoch 0, with the RNG states right after make_policy() (rng=True).
+        start = mgr.start_run(make_policy, rng=True)
         policy = start.agent
         optimizer = torch.optim.Adam(policy.parameters(), lr=LEARNING_RATE)
+        # bgsave: the optimizer state and the RNG states of the resumed epoch; nothing to do for a new run.
+        # Epoch 0's trainer state holds only RNG states, and restore() refuses an optimizer for it.
+        start.restore(optimizer if start.epoch > 0 else None)
         agent_step, total_time = start.agent_step, 0.0
         if not start.resumed:
             print(f"new run in {mgr.checkpoint_dir}: saved the initial policy as epoch 0 (eval {evaluate(policy):.1f})")
         else:
-            # bgsave: RunStart carries the agent step; the rest of the sidecar is in the checkpoint list.
-            total_time = mgr.checkpoints()[-1].sidecar["total_time"]
+            # bgsave: RunStart carries the agent step and the resumed checkpoint's sidecar (epoch 0's has no time).
+            total_time = start.info.sidecar["total_time"] or 0.0
             state = start.trainer_state
-            # The trainer state is written after its agent, so a crash between the two leaves it one save behind.
-            if state is not None and state["epoch"] == start.epoch:
-                optimizer.load_state_dict(state["optimizer_state"])
-                restored = "optimizer state restored"
+            if state is None:  # a run saved by an older version of this script, without trainer states
+                restored = "no trainer state: fresh optimizer"
+            elif state["optimizer_state"] is None:
+                restored = f"RNG state of epoch {state['epoch']} restored"
             else:
-                restored = "no trainer state for this epoch: fresh optimizer"
+                restored = f"optimizer and RNG state of epoch {state['epoch']} restored"
             print(f"resumed from epoch {start.epoch} (agent_step {agent_step}, {restored})")
         if start.epoch >= epochs:
             print(f"nothing left to train: the run is at epoch {start.epoch} of {epochs}")
@@ -103,15 +122,19 @@ def train(run_dir: str, *, epochs: int, save_every: int, keep_last: int | None, 
         preempted = False
         for epoch in range(start.epoch + 1, epochs + 1):
             began = time.perf_counter()
-            # Seeded by the epoch alone, so an epoch redone after a resume plays the same episodes.
-            generator = torch.Generator().manual_seed(SEED * 1_000_003 + epoch)
+            # The episodes' seed comes from the global RNG, which a resume restores: an epoch redone after a
+            # resume plays the same episodes only because the RNG is where the saved epoch left it.
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
             avg_reward, steps = reinforce_update(policy, optimizer, generator)
             agent_step += steps
             score = evaluate(policy)
             total_time += time.perf_counter() - began
             metadata = {"agent_step": agent_step, "score": score, "avg_reward": avg_reward, "total_time": total_time}
-            # bgsave: every `save_every` epochs, copy the policy and optimizer to CPU, queue the write, return.
-            saved = mgr.save_at_interval(policy, epoch, interval=save_every, metadata=metadata, optimizer=optimizer)
+            # bgsave: every `save_every` epochs, copy the policy, the optimizer state and the RNG states, queue the
+            # write, return. The policy and its trainer state commit together, as one epoch.
+            saved = mgr.save_at_interval(
+                policy, epoch, interval=save_every, metadata=metadata, optimizer=optimizer, rng=True
+            )
             print(
                 f"epoch {epoch:3d}  agent_step {agent_step:7d}  avg_reward {avg_reward:6.1f}  score {score:6.1f}"
                 + ("  -> saved" if saved else "")
@@ -124,7 +147,7 @@ def train(run_dir: str, *, epochs: int, save_every: int, keep_last: int | None, 
         # bgsave: wait until the queued saves are durable, so their timings are all recorded.
         mgr.wait()
         print_timings(mgr)
-    return not preempted
+    return not preempted, policy
 
 
 def print_timings(mgr: CheckpointManager) -> None:
@@ -189,19 +212,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--keep-last", type=int, default=4, help="keep the N newest checkpoints and the best; 0: keep all (default: 4)"
     )
+    parser.add_argument(
+        "--print-digest", action="store_true", help="print the sha256 of the final weights (to compare two runs)"
+    )
     args = parser.parse_args(argv)
     # Ops this small gain nothing from intra-op threads, and those threads spin-wait: on a busy machine they
     # made this script 10x slower.
     torch.set_num_threads(1)
+    # The same bits on every run, not just the same statistics: what makes an interrupted run comparable.
+    torch.use_deterministic_algorithms(True)
     # Let bgsave's warnings through (a save that waited for the previous one, a trainer state from another epoch).
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     started = time.perf_counter()
     options = {"epochs": args.epochs, "save_every": args.save_every, "keep_last": args.keep_last or None}
-    finished = train(args.run_dir, stop_after=args.stop_after or None, **options)
+    finished, policy = train(args.run_dir, stop_after=args.stop_after or None, **options)
     if not finished:
         print("\n-- a new job starts with the same command and resumes the run --")
-        train(args.run_dir, **options)
+        _, policy = train(args.run_dir, **options)
+    if args.print_digest:
+        print(f"digest sha256:{digest(policy)}")
     report(args.run_dir, args.keep_last or None)
     print(f"\ndone in {time.perf_counter() - started:.1f}s")
 

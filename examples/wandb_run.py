@@ -128,8 +128,7 @@ def train_loop(mgr: CheckpointManager, run: Any, *, epochs: int, save_every: int
         print(f"new run in {mgr.checkpoint_dir}: saved the initial policy as epoch 0")
     else:
         total_time = start.info.sidecar["total_time"]
-        if start.trainer_state is not None:
-            optimizer.load_state_dict(start.trainer_state["optimizer_state"])
+        start.restore(optimizer)  # bgsave: the optimizer state saved with this epoch
         print(f"resumed from epoch {start.epoch} (agent_step {agent_step})")
     if start.epoch >= epochs:
         print(f"nothing left to train: the run is at epoch {start.epoch} of {epochs}")

@@ -26,6 +26,7 @@ __all__ = (
     "Gate",
     "GatedAgent",
     "UnpicklableAgent",
+    "UnwritableAgent",
     "assert_state_equal",
     "listing",
     "make_optimizer",
@@ -85,11 +86,30 @@ class GatedAgent(Agent):
 
 
 class UnpicklableAgent(Agent):
-    """An agent holding a lambda: it deep-copies fine, but ``torch.save`` cannot pickle it."""
+    """An agent holding a lambda: neither the snapshot's pickler nor ``torch.save`` can pickle it."""
 
     def __init__(self, width: int = 8, seed: int = 0) -> None:
         super().__init__(width, seed)
         self.callback = lambda x: x
+
+
+def _cannot_rebuild() -> None:
+    raise RuntimeError("this object cannot be rebuilt from its pickle")
+
+
+class _Unrebuildable:
+    """Pickles, but unpickling it raises: the snapshot is rebuilt in the writer, so its write fails there."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _cannot_rebuild, ()
+
+
+class UnwritableAgent(Agent):
+    """An agent copied at the call whose write then fails in the background (its copy cannot be rebuilt)."""
+
+    def __init__(self, width: int = 8, seed: int = 0) -> None:
+        super().__init__(width, seed)
+        self.payload = _Unrebuildable()
 
 
 class _GateState:

@@ -5,12 +5,14 @@ Shared by ``tests/test_crash.py`` (a short run in CI) and ``scripts/crash_soak.p
 The child (:func:`child_main`, one process per kill) first *verifies* what the previous kill left,
 then *resumes* the run and saves until it is killed:
 
-1. Independently of the manager: ``find_latest_checkpoint``, plain ``torch.load`` of that ``.pt``, its
-   sidecar read with ``yaml.safe_load``, and ``trainer_state.pt`` loaded. Every parameter of the agent
-   saved at epoch ``e`` equals ``e``, its sidecar says ``epoch: e`` and ``agent_step: 100 * e``, and the
-   trainer state's momentum buffers equal the trainer state's own epoch. Temp files the kill left are
-   counted here, before a manager touches the run.
-2. ``CheckpointManager(...).start_run(...)``: the library's resume, which must find the same epoch.
+1. Independently of the manager, from the listing: the epoch a resume must continue from (the newest
+   committed epoch that has its ``trainer_{e}.pt``, or the newest if none has), plain ``torch.load``
+   of its ``.pt``, its sidecar read with ``yaml.safe_load``, and its trainer state loaded. Every
+   parameter of the agent saved at epoch ``e`` equals ``e``, its sidecar says ``epoch: e`` and
+   ``agent_step: 100 * e``, and the trainer state is epoch ``e``'s: momentum buffers equal ``e``.
+   Temp files the kill left are counted here, before a manager touches the run.
+2. ``CheckpointManager(...).start_run(...)``: the library's resume, which must find the same epoch and
+   hand back that epoch's trainer state.
 3. One ``verified`` message to the parent, then a loop: fill every parameter and momentum buffer with
    the next epoch, ``save_agent`` + ``save_trainer_state`` (background, ``max_pending=1``), one ``saved``
    message per epoch. The buffers are mutated right after each save returns, so a snapshot that is not
@@ -73,7 +75,7 @@ STEPS_PER_EPOCH = 100
 # beyond what the parent saw reported.
 MAX_PENDING = 1
 MAX_LOST_EPOCHS = 1
-# A save writes three files (.pt, .yaml, trainer_state.pt), one at a time: a kill leaves at most one
+# A save writes three files (.pt, .yaml, trainer_N.pt), one at a time: a kill leaves at most one
 # temp file, and never more than these three names.
 MAX_TEMPS_LEFT = 3
 KEEP_EPOCHS = 2  # each child prunes older checkpoints so long soaks stay within a few checkpoints on disk
@@ -81,6 +83,7 @@ CHILD_MAX_SECONDS = 120.0  # a child nobody kills stops by itself
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 _CHECKPOINT = re.compile(r"^model_(\d{4,})\.(pt|yaml)$")
+_TRAINER = re.compile(r"^trainer_(\d{4,})\.pt$")
 
 
 class CrashCheckError(AssertionError):
@@ -161,19 +164,21 @@ def verify(run_dir: str) -> dict[str, Any]:
     fs, root = fsspec.core.url_to_fs(run_dir)
     directory = f"{root}/checkpoints"
     names = _listing(fs, directory)
+    parsed = [(int(m.group(1)), m.group(2)) for n in names if (m := _CHECKPOINT.match(n))]
+    committed = {e for e, s in parsed if s == "yaml"} & {e for e, s in parsed if s == "pt"}
+    trainers = {int(m.group(1)) for n in names if (m := _TRAINER.match(n))}
     latest = bgsave.find_latest_checkpoint(f"{run_dir}/checkpoints")
-    epoch = -1
-    if latest is not None:
-        m = _CHECKPOINT.match(latest.rsplit("/", 1)[-1])
-        if m is None or m.group(2) != "pt":
-            raise CrashCheckError(f"find_latest_checkpoint returned {latest!r}, not a model_NNNN.pt")
-        epoch = int(m.group(1))
+    if (latest is None) != (not committed) or (latest and not latest.endswith(f"/model_{max(committed):04d}.pt")):
+        raise CrashCheckError(f"find_latest_checkpoint returned {latest!r}; committed epochs {sorted(committed)}")
+    epoch = max(committed & trainers or committed, default=-1)  # what a resume must continue from
+    if epoch >= 0:
+        url = f"{run_dir}/checkpoints/model_{epoch:04d}.pt"
         try:
-            agent = _load(latest)
+            agent = _load(url)
         except Exception as exc:
-            raise CrashCheckError(f"{latest}: torch.load failed: {type(exc).__name__}: {exc}") from exc
-        check_agent(agent, epoch, latest)
-        sidecar_url = latest[: -len(".pt")] + ".yaml"
+            raise CrashCheckError(f"{url}: torch.load failed: {type(exc).__name__}: {exc}") from exc
+        check_agent(agent, epoch, url)
+        sidecar_url = url[: -len(".pt")] + ".yaml"
         with fsspec.open(sidecar_url, "rb") as f:
             sidecar = yaml.safe_load(f.read())
         expected = {"epoch": epoch, "agent_step": STEPS_PER_EPOCH * epoch, "run": RUN_NAME}
@@ -181,9 +186,8 @@ def verify(run_dir: str) -> dict[str, Any]:
         if got != expected:
             raise CrashCheckError(f"{sidecar_url}: sidecar holds {got}, expected {expected}")
     trainer_epoch = -1
-    if "trainer_state.pt" in names:
-        trainer_epoch = _check_trainer_state(f"{run_dir}/checkpoints/trainer_state.pt", epoch)
-    committed = {int(m.group(1)) for n in names if (m := _CHECKPOINT.match(n)) and m.group(2) == "yaml"}
+    if epoch in trainers:
+        trainer_epoch = _check_trainer_state(f"{run_dir}/checkpoints/trainer_{epoch:04d}.pt", epoch)
     orphans = sorted(
         n for n in names if (m := _CHECKPOINT.match(n)) and m.group(2) == "pt" and int(m.group(1)) not in committed
     )
@@ -201,15 +205,14 @@ def _check_trainer_state(url: str, agent_epoch: int) -> int:
     if not isinstance(state, dict) or not {"optimizer_state", "epoch", "agent_step"} <= set(state):
         raise CrashCheckError(f"{url}: not a trainer state: {type(state).__name__} {sorted(state)[:5]}")
     epoch = state["epoch"]
-    # trainer_state(e) is written after agent(e) is committed, by the same worker, so it never runs ahead.
-    if not isinstance(epoch, int) or not 0 <= epoch <= agent_epoch:
-        raise CrashCheckError(f"{url}: trainer state of epoch {epoch!r}, but the latest agent is epoch {agent_epoch}")
+    if epoch != agent_epoch:  # trainer_{e}.pt holds epoch e's state, and only that
+        raise CrashCheckError(f"{url}: trainer state of epoch {epoch!r}, in the file of epoch {agent_epoch}")
     if state["agent_step"] != STEPS_PER_EPOCH * epoch:
         raise CrashCheckError(f"{url}: epoch {epoch} with agent_step {state['agent_step']}")
     buffers = [s.get("momentum_buffer") for s in state["optimizer_state"]["state"].values()]
     if len(buffers) != 2 * LAYERS or not all(b is not None and bool(torch.all(b == epoch)) for b in buffers):
         raise CrashCheckError(f"{url}: the momentum buffers of epoch {epoch} hold other values")
-    return epoch
+    return agent_epoch
 
 
 def _prune(run_dir: str, keep_from: int) -> None:
@@ -217,6 +220,7 @@ def _prune(run_dir: str, keep_from: int) -> None:
     fs, root = fsspec.core.url_to_fs(run_dir)
     directory = f"{root}/checkpoints"
     old = [(int(m.group(1)), m.group(2), n) for n in _listing(fs, directory) if (m := _CHECKPOINT.match(n))]
+    old += [(int(m.group(1)), "trainer", n) for n in _listing(fs, directory) if (m := _TRAINER.match(n))]
     for _, _, name in sorted((e, s != "yaml", n) for e, s, n in old if e < keep_from):
         fs.rm_file(f"{directory}/{name}")
 
@@ -245,6 +249,12 @@ def child_main(run_dir: str, conn: Connection, env: Mapping[str, str], max_secon
                     f"start_run resumed={start.resumed} at epoch {start.epoch}, but the latest is {found['epoch']}"
                 )
             check_agent(start.agent, start.epoch, "start_run's agent")
+            resumed_trainer = -1 if start.trainer_state is None else start.trainer_state["epoch"]
+            if resumed_trainer != found["trainer_epoch"]:
+                raise CrashCheckError(
+                    f"start_run resumed epoch {start.epoch} with the trainer state of epoch {resumed_trainer}, "
+                    f"but the run holds that of epoch {found['trainer_epoch']}"
+                )
             found["verify_s"] = time.perf_counter() - started
             _prune(run_dir, start.epoch - KEEP_EPOCHS + 1)
             conn.send({"event": "verified", "start_epoch": start.epoch, **found})
@@ -496,7 +506,11 @@ def summarize(records: list[KillRecord]) -> dict[str, Any]:
         "kills_leaving_a_temp_file": sum(r.temps_left > 0 for r in records),
         "kills_leaving_an_orphan_pt": sum(r.orphans > 0 for r in records),
         "final_epoch": records[-1].epoch_after if records else -1,
-        "max_trainer_lag_epochs": max((r.epoch_after - r.trainer_epoch for r in records), default=0),
+        # trainer_{e}.pt holds epoch e's state and the resume takes it with epoch e's agent: both stay 0.
+        "resumes_with_another_epochs_trainer_state": sum(r.trainer_epoch not in (-1, r.epoch_after) for r in records),
+        "resumes_past_epoch_0_without_a_trainer_state": sum(
+            r.trainer_epoch == -1 and r.epoch_after > 0 for r in records
+        ),
         "kills_mid_upload": _mid_uploads(records),
         "late_commits": sum(r.late_commit for r in records),
         "unfinished_multipart_uploads": records[-1].uploads if records else None,
@@ -599,7 +613,7 @@ def _main(argv: list[str]) -> int:
     found = verify(run_dir)
     if found["epoch"] >= 0:  # and the library's own read path, as a reader that never writes
         with bgsave.CheckpointManager(run_dir, RUN_NAME) as mgr:
-            check_agent(mgr.load_agent(), found["epoch"], "load_agent")
+            check_agent(mgr.load_agent(found["epoch"]), found["epoch"], "load_agent")
     print(json.dumps(found), flush=True)
     return 0
 

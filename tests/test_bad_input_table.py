@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 
-from _models import Agent, UnpicklableAgent, assert_state_equal, make_optimizer, state_of
+from _models import Agent, UnpicklableAgent, UnwritableAgent, assert_state_equal, make_optimizer, state_of
 from bgsave import (
     BgsaveError,
     CheckpointManager,
@@ -391,15 +391,22 @@ ROWS = [
     row("metadata-total_time-str", lambda c: save(c, 3, {"total_time": "1h"}), InvalidArgumentError, "total_time"),
     row("metadata-run-contradicts", lambda c: save(c, 3, {"run": "other"}), InvalidArgumentError, "run", "other"),
     row(
-        "unpicklable-agent-new-epoch",
-        lambda c: save_and_wait(c, UnpicklableAgent(width=4), 3),
+        "unpicklable-agent-at-the-call",
+        lambda c: c.manager().save_agent(UnpicklableAgent(width=4), 3),
+        CheckpointWriteError,
+        "epoch 3",
+        "cannot be pickled",
+    ),
+    row(
+        "unwritable-agent-new-epoch",
+        lambda c: save_and_wait(c, UnwritableAgent(width=4), 3),
         CheckpointWriteError,
         "epoch 3",
         "model_0003.pt",
     ),
     row(
-        "unpicklable-agent-existing-epoch",
-        lambda c: save_and_wait(c, UnpicklableAgent(width=4), 2),
+        "unwritable-agent-existing-epoch",
+        lambda c: save_and_wait(c, UnwritableAgent(width=4), 2),
         CheckpointWriteError,
         "epoch 2",
         "model_0002.pt",
@@ -551,8 +558,8 @@ ROWS = [
         "load-truncated-trainer-state",
         lambda c: c.manager().load_trainer_state(),
         CheckpointReadError,
-        "trainer_state.pt",
-        setup=lambda c: damage(c, "trainer_state.pt", "truncate"),
+        "trainer_0002.pt",
+        setup=lambda c: damage(c, "trainer_0002.pt", "truncate"),
     ),
     row(
         "load-sidecar-as-pt",
@@ -692,7 +699,7 @@ def assert_earlier_checkpoints_load(ctx: Ctx) -> None:
         for epoch, state in ctx.states.items():
             if f"model_{epoch:04d}.pt" not in ctx.damaged:
                 assert_state_equal(state, reader.load_agent(epoch))
-        if "trainer_state.pt" not in ctx.damaged:
+        if "trainer_0002.pt" not in ctx.damaged:
             trainer = reader.load_trainer_state()
             assert trainer is not None
             assert (trainer["epoch"], trainer["agent_step"]) == (2, 20)

@@ -91,12 +91,14 @@ def test_ls_json_has_every_checkpoint_with_sidecar_and_file_facts(
         assert row["run"] == "cli-test"
         assert row["note"] == "plain"
         assert row["mtime"] is not None
+        assert row["trainer_state"] is (row["epoch"] == 4)
     assert rows[5] == {
         "epoch": 5,
         "path": rows[5]["path"],
         "size": len(b"a save in progress"),
         "committed": False,
         "mtime": rows[5]["mtime"],
+        "trainer_state": False,
     }
 
 
@@ -134,7 +136,7 @@ def test_ls_table_plain_without_rich(
     assert lines[5].split()[2] == "nan"
     assert lines[7].split()[:5] == ["5", "-", "-", "-", "-"]
     assert lines[7].split()[-1] == "no"
-    assert "trainer_state.pt" in out
+    assert "trainer states: 1 of 5 committed epochs; a resume continues from epoch 4" in out
     size_end = lines[1].index("size") + len("size")
     assert all(line[:size_end].endswith(("KiB", " B")) for line in lines[2:8])  # right-aligned under "size"
 
@@ -148,7 +150,7 @@ def test_ls_table_with_rich(local_run_dir: str, capsys: pytest.CaptureFixture[st
     assert "avg_reward" in out
     assert "total_time" in out
     assert sum(" yes" in line for line in out.splitlines()) == 5
-    assert "trainer_state.pt" in out
+    assert "trainer states: 1 of 5" in out
 
 
 def test_show_one_checkpoint(run_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -246,7 +248,7 @@ def test_prune_dry_run_then_prune(run_dir: str, capsys: pytest.CaptureFixture[st
     assert "1 uncommitted" in out
     after = names_in(checkpoints)
     assert after == before - {f"model_{e:04d}.{s}" for e in (0, 1, 3) for s in ("pt", "yaml")}
-    assert {"model_0005.pt", "trainer_state.pt"} <= after
+    assert {"model_0005.pt", "trainer_0004.pt"} <= after
     assert [r["epoch"] for r in run_json(capsys, "ls", run_dir) if r["committed"]] == [2, 4]
 
 
@@ -333,7 +335,7 @@ def test_listing_a_malicious_run_never_unpickles(tmp_path: Path, capsys: pytest.
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True)
     marker = tmp_path / "pwned"
-    for name in ("model_0001.pt", "model_0002.pt", "model_0003.pt", "trainer_state.pt"):
+    for name in ("model_0001.pt", "model_0002.pt", "model_0003.pt", "trainer_0001.pt", "trainer_state.pt"):
         torch.save({"agent": Payload(str(marker))}, checkpoints / name)
     (checkpoints / "model_0001.yaml").write_text("epoch: 1\nscore: 0.9\nrun: evil\n")
     (checkpoints / "model_0003.yaml").write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
@@ -354,6 +356,7 @@ def test_listing_a_malicious_run_never_unpickles(tmp_path: Path, capsys: pytest.
         ["show", str(checkpoints / "model_0001.pt")],
         ["show", str(checkpoints / "model_0002.pt")],
         ["show", str(checkpoints / "trainer_state.pt")],
+        ["show", str(checkpoints / "trainer_0001.pt")],
         ["prune", str(run_dir), "--keep-last", "1", "--dry-run"],
     ):
         code, _, err = run_cli(capsys, *argv)

@@ -67,7 +67,7 @@ def test_full_disk_fails_cleanly_and_recovers(small_fs: str, caplog: pytest.LogC
         assert any("only" in r.getMessage() and "free" in r.getMessage() for r in caplog.records)
 
         names = sorted(os.listdir(mgr.checkpoint_dir))
-        assert names == ["model_0001.pt", "model_0001.yaml", "trainer_state.pt"]
+        assert names == ["model_0001.pt", "model_0001.yaml", "trainer_0001.pt"]
         assert mgr.find_latest_checkpoint() == os.path.join(mgr.checkpoint_dir, "model_0001.pt")
         assert torch.equal(mgr.load_agent().w, torch.full_like(mgr.load_agent().w, 1.0))
         assert mgr.load_trainer_state()["epoch"] == 1  # type: ignore[index]

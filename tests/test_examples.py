@@ -48,18 +48,18 @@ def test_new_run_is_preempted_and_resumes_from_its_latest_checkpoint(interrupted
     assert "-- preempted after epoch 3" in out
     step_at_2 = re.search(r"^epoch +2 +agent_step +(\d+)", out, re.M)
     assert step_at_2 is not None
-    assert f"resumed from epoch 2 (agent_step {step_at_2[1]}, optimizer state restored)" in out
+    assert f"resumed from epoch 2 (agent_step {step_at_2[1]}, optimizer and RNG state of epoch 2 restored)" in out
     # Epoch 3 was lost with the preemption and trained again after the resume.
     assert len(re.findall(r"^epoch +3 ", out, flags=re.MULTILINE)) == 2
 
 
 def test_run_dir_holds_the_kept_checkpoints_and_the_final_trainer_state(interrupted: tuple[Path, str]) -> None:
-    """Agent and sidecar of epochs 4 and 6 (and of the best), the trainer state of epoch 6; no temp files left."""
+    """Agent, sidecar and trainer state of epochs 4 and 6 (and of the best); no temp files left."""
     run_dir, _ = interrupted
     kept = set(sidecars(run_dir))
     best = max((s["score"], e) for e, s in sidecars(run_dir).items() if s["score"] is not None)[1]
     assert {4, 6} <= kept <= {4, 6, best}
-    expected = {f"model_{e:04d}.{ext}" for e in kept for ext in ("pt", "yaml")} | {"trainer_state.pt"}
+    expected = {f"model_{e:04d}.{ext}" for e in kept for ext in ("pt", "yaml")} | {f"trainer_{e:04d}.pt" for e in kept}
     assert set(files(run_dir)) == expected
     with CheckpointManager(run_dir, run_dir.name) as mgr:
         state = mgr.load_trainer_state()

@@ -30,7 +30,7 @@ EXIT_DEADLINE_S = 60.0
 PRELUDE = """
 import gc, json, os, sys, threading
 from bgsave import CheckpointManager
-from _models import Agent, Gate, GatedAgent, UnpicklableAgent
+from _models import Agent, Gate, GatedAgent, UnwritableAgent
 run_dir = sys.argv[1]
 """
 
@@ -157,7 +157,7 @@ def test_a_failure_pending_at_exit_is_reported_and_exit_is_prompt(local_run_dir:
         mgr = CheckpointManager(run_dir, "exit-err")
         mgr.save_agent(Agent(seed=1), 1)
         mgr.wait()
-        mgr.save_agent(UnpicklableAgent(), 4)
+        mgr.save_agent(UnwritableAgent(), 4)
     """
     result = run_script(body, local_run_dir)
     assert result.returncode == 0, result.stderr

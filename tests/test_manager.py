@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from _models import Agent, Gate, UnpicklableAgent, assert_state_equal, make_optimizer, state_of, train
+from _models import Agent, Gate, UnwritableAgent, assert_state_equal, make_optimizer, state_of, train
 from bgsave import (
     CheckpointError,
     CheckpointManager,
@@ -209,9 +209,9 @@ def test_files_load_with_plain_torch_load(local_run_dir: str, mgr_factory: Calla
     loaded = torch.load(path, weights_only=False)
     assert type(loaded) is Agent
     assert_state_equal(state_of(agent), loaded)
-    trainer = torch.load(f"{mgr.checkpoint_dir}/trainer_state.pt", weights_only=False)
-    assert set(trainer) == {"optimizer_state", "epoch", "agent_step"}
-    assert (trainer["epoch"], trainer["agent_step"]) == (4, 4)
+    trainer = torch.load(f"{mgr.checkpoint_dir}/trainer_0004.pt", weights_only=False)
+    assert set(trainer) == {"optimizer_state", "epoch", "agent_step", "run"}  # the seed's keys, and the run
+    assert (trainer["epoch"], trainer["agent_step"], trainer["run"]) == (4, 4, "plain")
 
 
 def test_best_checkpoint_is_chosen_by_score(run_dir: str, mgr_factory: Callable[..., CheckpointManager]) -> None:
@@ -412,7 +412,7 @@ def test_unpicklable_agent_error_reaches_wait_once_and_leaves_nothing(
     mgr.wait()
     before = names_in(mgr.checkpoint_dir)
 
-    bad = mgr.save_agent(UnpicklableAgent(), 7, {"score": 2.0})
+    bad = mgr.save_agent(UnwritableAgent(), 7, {"score": 2.0})
     with pytest.raises(CheckpointWriteError) as info:
         mgr.wait()
     error = info.value
@@ -433,7 +433,7 @@ def test_unpicklable_agent_error_reaches_wait_once_and_leaves_nothing(
 def test_close_raises_a_pending_error(local_run_dir: str) -> None:
     """close() waits for the failing write and raises its error; a second close() is quiet."""
     mgr = CheckpointManager(local_run_dir, "close-err")
-    mgr.save_agent(UnpicklableAgent(), 2)
+    mgr.save_agent(UnwritableAgent(), 2)
     with pytest.raises(CheckpointWriteError) as info:
         mgr.close()
     assert info.value.epoch == 2
@@ -445,7 +445,7 @@ def test_a_background_error_surfaces_at_a_following_save(
 ) -> None:
     """A failed background write is raised by a later save_agent call (here max_pending=0 orders the calls)."""
     mgr = mgr_factory(local_run_dir, "next-save", max_pending=0)
-    mgr.save_agent(UnpicklableAgent(), 1)
+    mgr.save_agent(UnwritableAgent(), 1)
     with pytest.raises(CheckpointWriteError) as info:
         # With max_pending=0 the second save cannot start before the first has finished, so the
         # failure is known at the latest when the third call begins.
@@ -465,7 +465,7 @@ def test_errors_without_background_raise_at_the_call(
     assert "model_0001.yaml" in names_in(mgr.checkpoint_dir)  # synchronous: committed on return
     before = names_in(mgr.checkpoint_dir)
     with pytest.raises(CheckpointWriteError) as info:
-        mgr.save_agent(UnpicklableAgent(), 2)
+        mgr.save_agent(UnwritableAgent(), 2)
     assert info.value.epoch == 2
     assert info.value.__cause__ is not None
     mgr.wait()  # already raised
@@ -473,27 +473,24 @@ def test_errors_without_background_raise_at_the_call(
     assert mgr.find_latest_checkpoint() == good
 
 
-def test_trainer_state_write_error_names_the_file(
+def test_an_unpicklable_trainer_state_is_refused_at_the_call(
     local_run_dir: str, mgr_factory: Callable[..., CheckpointManager]
 ) -> None:
-    """An optimizer state that cannot be pickled fails as CheckpointWriteError naming trainer_state.pt and the epoch."""
+    """An optimizer state holding a lambda: CheckpointWriteError at the call naming trainer_0002.pt; nothing queued."""
     mgr = mgr_factory(local_run_dir, "trainer-err")
     agent = Agent()
     optimizer = make_optimizer(agent)
     mgr.save_trainer_state(optimizer, 1, 10)
     mgr.wait()
     optimizer.param_groups[0]["schedule"] = lambda step: 1.0  # a local lambda: not picklable
-    mgr.save_trainer_state(optimizer, 2, 20)
-    with pytest.raises(CheckpointWriteError) as info:
-        mgr.wait()
+    with pytest.raises(CheckpointWriteError, match="cannot be pickled") as info:
+        mgr.save_trainer_state(optimizer, 2, 20)
     assert info.value.epoch == 2
     assert info.value.path is not None
-    assert info.value.path.endswith("trainer_state.pt")
+    assert info.value.path.endswith("trainer_0002.pt")
     assert info.value.__cause__ is not None
-    assert names_in(mgr.checkpoint_dir) == {"trainer_state.pt"}
-    state = mgr.load_trainer_state()
-    assert state is not None
-    assert state["epoch"] == 1  # the earlier trainer state is untouched
+    mgr.wait()  # nothing was queued: nothing more to raise
+    assert names_in(mgr.checkpoint_dir) == {"trainer_0001.pt"}
 
 
 def test_a_failed_resave_keeps_the_earlier_checkpoint_of_that_epoch(
@@ -503,7 +500,7 @@ def test_a_failed_resave_keeps_the_earlier_checkpoint_of_that_epoch(
     mgr = mgr_factory(run_dir, "resave")
     path = mgr.save_agent(Agent(seed=1), 5, {"score": 0.5})
     mgr.wait()
-    mgr.save_agent(UnpicklableAgent(seed=2), 5, {"score": 0.9})
+    mgr.save_agent(UnwritableAgent(seed=2), 5, {"score": 0.9})
     with pytest.raises(CheckpointWriteError):
         mgr.wait()
     # "A failed write leaves nothing of itself behind; earlier checkpoints are untouched."
@@ -518,7 +515,7 @@ def test_failed_save_is_recorded_and_not_logged_as_committed(
     """A failed save appears in records with ok=False and its error, and logs no INFO commit line."""
     caplog.set_level(logging.INFO, logger="bgsave")
     mgr = mgr_factory(local_run_dir, "rec-err")
-    path = mgr.save_agent(UnpicklableAgent(), 3)
+    path = mgr.save_agent(UnwritableAgent(), 3)
     with pytest.raises(CheckpointWriteError):
         mgr.wait()
     (record,) = mgr.records
@@ -536,11 +533,11 @@ def trainer_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "trainer" in r.getMessage()]
 
 
-def test_trainer_state_from_another_epoch_logs_a_warning_naming_both(
+def test_a_newer_epoch_without_its_trainer_state_is_passed_over_at_info(
     local_run_dir: str, mgr_factory: Callable[..., CheckpointManager], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Trainer state of another epoch: load_trainer_state returns it, start_run withholds it; each warns naming both."""
-    caplog.set_level(logging.WARNING, logger="bgsave")
+    """Epoch 7 saved without the trainer state epoch 3 had: the resume is epoch 3 with its own, and says why at INFO."""
+    caplog.set_level(logging.INFO, logger="bgsave")
     mgr = mgr_factory(local_run_dir, "mismatch")
     agent = Agent()
     optimizer = make_optimizer(agent)
@@ -549,21 +546,19 @@ def test_trainer_state_from_another_epoch_logs_a_warning_naming_both(
     mgr.save_agent(agent, 7)  # the trainer state was not saved with epoch 7
     state = mgr.load_trainer_state()
     assert state is not None
-    assert state["epoch"] == 3  # returned as saved, never silently relabelled
-
-    warnings = trainer_warnings(caplog)
-    assert len(warnings) == 1
-    assert re.search(r"\b3\b", warnings[0])
-    assert re.search(r"\b7\b", warnings[0])
+    assert state["epoch"] == 3  # the one a resume would take: never relabelled, never mixed with epoch 7
+    assert mgr.find_latest_checkpoint() == f"{mgr.checkpoint_dir}/model_0007.pt"  # still the newest agent
+    mgr.close()
 
     caplog.clear()
     start = mgr_factory(local_run_dir, "mismatch").start_run(Agent)
-    assert start.epoch == 7
-    assert start.trainer_state is None  # never mixed in: a state of another epoch is withheld, with a warning
-    warnings = trainer_warnings(caplog)
-    assert len(warnings) == 1
-    assert re.search(r"\b3\b", warnings[0])
-    assert re.search(r"\b7\b", warnings[0])
+    assert (start.epoch, start.resumed) == (3, True)
+    assert start.trainer_state is not None
+    assert start.trainer_state["epoch"] == 3
+    passed = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "passing over" in r.getMessage()]
+    assert len(passed) == 1
+    assert re.search(r"epoch 3, passing over epoch 7", passed[0])
+    assert not trainer_warnings(caplog)
 
 
 def test_matching_trainer_state_loads_without_warning(
@@ -601,7 +596,7 @@ def test_records_hold_timings_bytes_and_path_per_save(
         assert record.path == path
         assert record.ok
         assert record.bytes == fs.size(path) + fs.size(path[:-3] + ".yaml")
-    assert records[2].path == f"{mgr.checkpoint_dir}/trainer_state.pt"
+    assert records[2].path == f"{mgr.checkpoint_dir}/trainer_0002.pt"
     assert records[2].bytes == fs.size(records[2].path)
     for record in records:
         assert record.stall_s >= 0.0

@@ -9,28 +9,42 @@ from typing import NoReturn
 import pytest
 import torch
 
+from _models import UnwritableAgent
 from bgsave import CheckpointManager
 
 
-def test_start_run_does_not_mix_a_trainer_state_of_another_epoch(
+def test_start_run_resumes_the_newest_epoch_that_has_its_trainer_state(
     local_run_dir: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """When trainer_state.pt is from another epoch than the latest agent, start_run returns none and warns."""
+    """Epoch 6 committed but killed before its trainer state: start_run resumes epoch 5 with epoch 5's, at INFO."""
+    caplog.set_level(logging.INFO, logger="bgsave")
     with CheckpointManager(local_run_dir, "r") as mgr:
         agent = torch.nn.Linear(3, 3)
         optimizer = torch.optim.Adam(agent.parameters())
         mgr.save_agent(agent, 5, {"agent_step": 50, "score": 0.5})
         mgr.save_trainer_state(optimizer, 5, 50)
-        mgr.save_agent(agent, 6, {"agent_step": 60})  # crashed before its trainer state, say
+        mgr.save_agent(agent, 6, {"agent_step": 60})  # killed before its trainer state, say
     with CheckpointManager(local_run_dir, "r") as mgr:
         start = mgr.start_run(lambda: torch.nn.Linear(3, 3))
-    assert start.resumed and start.epoch == 6 and start.agent_step == 60
-    assert start.trainer_state is None
-    assert start.info is not None and start.info.sidecar["agent_step"] == 60
+    assert start.resumed and start.epoch == 5 and start.agent_step == 50
+    assert start.trainer_state is not None and start.trainer_state["epoch"] == 5
+    assert start.info is not None and start.info.sidecar["agent_step"] == 50
     assert any(
-        r.levelno == logging.WARNING and "epoch 5" in r.getMessage() and "epoch 6" in r.getMessage()
-        for r in caplog.records
+        r.levelno == logging.INFO and "resuming epoch 5, passing over epoch 6" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_run_that_never_saved_a_trainer_state_resumes_its_newest_epoch(
+    local_run_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agents only: the newest epoch, trainer_state None, and no warning about it."""
+    with CheckpointManager(local_run_dir, "r") as mgr:
+        for epoch in (1, 2):
+            mgr.save_agent(torch.nn.Linear(3, 3), epoch)
+    with caplog.at_level(logging.INFO, logger="bgsave"), CheckpointManager(local_run_dir, "r") as mgr:
+        start = mgr.start_run(lambda: torch.nn.Linear(3, 3))
+    assert (start.epoch, start.trainer_state) == (2, None)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or "passing over" in r.getMessage()]
 
 
 def test_start_run_returns_matching_trainer_state(local_run_dir: str) -> None:
@@ -55,7 +69,7 @@ def test_with_block_exception_is_not_replaced_by_a_checkpoint_failure(
 ) -> None:
     """The training error propagates; the failed save is logged, and noted on it where Python has add_note (3.11+)."""
     with pytest.raises(KeyError) as info, CheckpointManager(local_run_dir, "r") as mgr:
-        mgr.save_agent({"f": lambda: 1}, 1)  # cannot be pickled: fails in the background
+        mgr.save_agent(UnwritableAgent(), 1)  # copied at the call, then fails in the background
         raise KeyError("training failed")
     assert any("closing failed" in r.getMessage() and "epoch 1" in r.getMessage() for r in caplog.records)
     assert info.value.args == ("training failed",)

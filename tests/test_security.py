@@ -179,7 +179,8 @@ def test_search_never_unpickles_a_malicious_checkpoint(run_dir: str, tmp_path: P
     marker = tmp_path / "pwned"
     plant(run_dir, 2, Payload(marker), "epoch: 2\nagent_step: 0\nscore: 0.99\navg_reward: 1.0\nrun: evil\n")
     plant(run_dir, 3, Payload(marker), None)  # uncommitted: a .pt without its sidecar
-    torch.save({"optimizer_state": Payload(marker)}, Path(run_dir) / "checkpoints" / "trainer_state.pt")
+    for name in ("trainer_state.pt", "trainer_0002.pt"):  # an older bgsave's trainer state, and today's
+        torch.save({"optimizer_state": Payload(marker)}, Path(run_dir) / "checkpoints" / name)
 
     for name, search in searches(run_dir).items():
         result = search()
@@ -205,10 +206,10 @@ def test_search_never_unpickles_a_malicious_checkpoint(run_dir: str, tmp_path: P
 
 
 def test_a_reading_manager_never_unpickles_the_trainer_state_until_asked(run_dir: str, tmp_path: Path) -> None:
-    """checkpoints() and the find_* calls leave trainer_state.pt alone; load_trainer_state is the explicit load."""
+    """checkpoints() and the find_* calls leave trainer_0001.pt alone; load_trainer_state is the explicit load."""
     commit(run_dir, 1, 0.1)
     marker = tmp_path / "pwned"
-    torch.save({"optimizer_state": Payload(marker), "epoch": 1}, Path(run_dir) / "checkpoints" / "trainer_state.pt")
+    torch.save({"optimizer_state": Payload(marker), "epoch": 1}, Path(run_dir) / "checkpoints" / "trainer_0001.pt")
     with CheckpointManager(run_dir, "reader") as mgr:
         mgr.checkpoints()
         mgr.find_latest_checkpoint()
@@ -240,7 +241,7 @@ def test_odd_but_legal_run_names_write_only_inside_checkpoints(tmp_path: Path, r
     assert files_under(tmp_path) == {
         "run/checkpoints/model_0003.pt",
         "run/checkpoints/model_0003.yaml",
-        "run/checkpoints/trainer_state.pt",
+        "run/checkpoints/trainer_0003.pt",
     }
     assert CheckpointManager(str(run), run_name).checkpoints()[0].sidecar["run"] == run_name
 

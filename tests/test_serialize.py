@@ -41,7 +41,7 @@ def save_both(mgr: CheckpointManager, agent: Agent) -> tuple[str, str]:
     mgr.save_trainer_state(optimizer, 1, 0)
     mgr.wait()
     directory = mgr.checkpoint_dir
-    return f"{directory}/model_0001.pt", f"{directory}/trainer_state.pt"
+    return f"{directory}/model_0001.pt", f"{directory}/trainer_0001.pt"
 
 
 def test_checkpoints_are_written_without_crc32_by_default(run_dir: str) -> None:

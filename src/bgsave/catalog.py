@@ -1,24 +1,17 @@
 """Catalog: which checkpoints a run directory holds, committed or not and why not; latest, best, by score.
 
-A checkpoint of epoch N is *committed* when both ``model_N.pt`` and its sidecar ``model_N.yaml``
-exist and the sidecar parses with ``epoch: N`` (the writer writes the sidecar last, and pruning
-deletes it first). Everything else named like a checkpoint is an :class:`Entry` with the reason it
-is not committed: a save in progress or killed (no sidecar), a sidecar without its ``.pt``, an
-unreadable sidecar. Other files (temp files, the trainer state, a user's notes) are not entries.
+Epoch N is *committed* when ``model_N.pt`` and its sidecar ``model_N.yaml`` both exist and the
+sidecar parses with ``epoch: N`` (the writer writes the sidecar last; pruning deletes it first).
+Anything else named like a checkpoint is an :class:`Entry` with the reason it is not committed.
+A resume continues from :meth:`Catalog.resumable`: the newest committed epoch with its trainer state.
 
-What it costs. One listing per question, whatever the question. *Latest* needs no sidecar but the
-newest one: the listing already says which epochs have both files, so it reads the newest pair's
-sidecar (and the next older only if that one is unreadable). *Best* and *by score* read every
-sidecar, in one batch (one concurrent GET each on object stores). A :class:`Catalog` keeps what it
-has read, keyed on what the listing says of each sidecar (size and a tag: inode and mtime on local
-disk, the ETag on object stores), so a long-lived reader (the manager) reads each sidecar at most
-once in its life and a changed one again; what its own writer wrote is handed over without a read
-(:meth:`Catalog.wrote`). A listing is always taken afresh: the files are the truth, never the cache.
-A new catalog about to read many sidecars first learns the last writer's index
-(:mod:`bgsave.catalog_index`), whose entries pass the same check against the listing.
+What it costs: one listing per question; *latest* reads the newest pair's sidecar, *best* and *by
+score* every sidecar, in one batch. A :class:`Catalog` keeps what it read, keyed on the listed size
+and tag (inode and mtime, or the ETag) of each sidecar, so the manager reads each at most once, and
+what its writer wrote not at all (:meth:`Catalog.wrote`); a new one first learns the last writer's
+index (:mod:`bgsave.catalog_index`). The listing is always taken afresh: the files are the truth.
 
-Nothing here unpickles, and this module never imports torch: ``bgsave ls`` starts in a fraction of
-``import torch``'s time. Loading is :mod:`bgsave.loading`'s.
+Nothing here unpickles or imports torch: ``bgsave ls`` starts in a fraction of ``import torch``'s time.
 """
 
 from __future__ import annotations
@@ -26,7 +19,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +33,10 @@ __all__ = ("MODES", "Catalog", "CheckpointInfo", "Entry", "check_mode", "find_la
 logger = logging.getLogger(__name__)
 
 MODES = ("max", "min")
+_NO_TRAINER = "committed without its trainer state (killed before it was durable, or saved alone)"
+_NO_AGENT = "a trainer state without a committed agent (killed before the sidecar)"
 
-Known = tuple[int, object]
-"""What a catalog knows of a sidecar it read: (size, tag) as listed then; tag None: our own write."""
+Known = tuple[int, object]  # what a catalog knows of a sidecar: (size, tag) as listed; tag None: its own write
 
 
 def check_mode(mode: object, *, argument: str = "mode") -> str:
@@ -61,12 +55,14 @@ class CheckpointInfo:
         path: The ``.pt`` file (local path or URL).
         size: Size of the ``.pt`` in bytes.
         sidecar: The parsed sidecar (epoch, agent_step, score, avg_reward, total_time, run, extras).
+        has_trainer_state: Whether ``trainer_{epoch}.pt`` was listed beside it.
     """
 
     epoch: int
     path: str
     size: int
     sidecar: Mapping[str, Any]
+    has_trainer_state: bool = False
 
     def metric(self, name: str) -> float | None:
         """The finite numeric value of ``name`` in the sidecar, or None."""
@@ -119,9 +115,8 @@ class Catalog:
         self.directory = directory
         self._lock = threading.Lock()
         self._shown_dir = storage.display(directory).rstrip("/") + "/"  # what users see, but for the name
-        # sidecar name -> (size, tag) when read (tag None: our own writer wrote it, not listed yet), and
-        # its content. Plain tuples of atomic values, which the garbage collector stops tracking, in two
-        # dicts: a catalog of 10,000 then leaves the collector 10,000 objects to walk, not 30,000.
+        # sidecar name -> (size, tag) when read, and its content: plain tuples of atomic values (the
+        # collector stops tracking them) in two dicts, so 10,000 sidecars leave it 10,000 objects, not 30,000.
         self._facts: dict[str, Known] = {}
         self._sidecars: dict[str, dict[str, Any]] = {}
         self._infos: dict[int, CheckpointInfo] = {}
@@ -130,20 +125,41 @@ class Catalog:
     # ---- questions ------------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint, or None: one listing, then the newest pair's sidecar."""
-        files, _, candidates = self._listing()
-        while candidates:  # newest first; an older one only when the newest sidecar is unreadable
-            epoch = max(candidates)
-            found = self._infos_of(self._sidecars_of([epoch], files), files)
-            if found:
-                return found[0]
+        files, _, committed = self._listing()
+        return self._newest(committed, files)
+
+    def resumable(self, passed: Collection[int] = ()) -> tuple[CheckpointInfo | None, dict[int, str]]:
+        """The checkpoint a resume continues from, and the newer epochs it passes over, each with why.
+
+        The newest committed epoch that has its trainer state, when any has one (a newer epoch
+        without it was killed before its trainer state was durable, or saved without one); else
+        the newest committed epoch. Epochs in ``passed`` count as having none (the resume found
+        theirs inconsistent). One listing, then the chosen pair's sidecar.
+        """
+        files, _, committed = self._listing()
+        trainers = layout.trainer_epochs_in(files)
+        found = self._newest((committed & trainers) - set(passed) or committed, files)
+        newer = {e: _NO_TRAINER for e in committed if found is None or e > found.epoch}
+        newer |= {e: _NO_AGENT for e in trainers - committed if found is not None and e > found.epoch}
+        return found, dict(sorted(newer.items()))
+
+    def _newest(self, candidates: set[int], files: Mapping[str, FileFacts]) -> CheckpointInfo | None:
+        candidates = set(candidates)  # newest first; an older one only when the newest's sidecar is unreadable
+        while candidates:  # max() each time, not a sort: one max is all it usually takes, whatever N
+            if (found := self._one(epoch := max(candidates), files)) is not None:
+                return found
             candidates.discard(epoch)
         return None
 
-    def get(self, epoch: int) -> CheckpointInfo | None:
-        """Epoch's committed checkpoint, or None when it has none."""
-        files = self.storage.list_files(self.directory)
-        found = self._infos_of(self._sidecars_of([epoch], files), files)
+    def _one(
+        self, epoch: int, files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
+    ) -> CheckpointInfo | None:
+        found = self._infos_of(self._sidecars_of([epoch], files, problems), files)
         return found[0] if found else None
+
+    def get(self, epoch: int) -> CheckpointInfo | None:
+        """Epoch's committed checkpoint, or None."""
+        return self._one(epoch, self.storage.list_files(self.directory))
 
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, in epoch order; unreadable sidecars are skipped with a WARNING."""
@@ -200,18 +216,11 @@ class Catalog:
         """One epoch, as :meth:`entries` would describe it (also when only its sidecar exists, or nothing)."""
         files = self.storage.list_files(self.directory)
         pt = files.get(layout.checkpoint_name(epoch, layout.PT))
-        has_sidecar = layout.checkpoint_name(epoch, layout.YAML) in files
         problems: dict[int, str] = {}
-        found = self._infos_of(self._sidecars_of([epoch], files, problems), files)
-        info = found[0] if found else None
-        if info is not None:
-            problem = ""
-        elif not has_sidecar:
+        info = self._one(epoch, files, problems)
+        problem = "" if info is not None else "the .pt is missing" if pt is None else problems.get(epoch, "")
+        if layout.checkpoint_name(epoch, layout.YAML) not in files:
             problem = "no sidecar"
-        elif pt is None:
-            problem = "the .pt is missing"
-        else:
-            problem = problems[epoch]
         return Entry(epoch, self._display(epoch), pt, info, problem)
 
     # ---- what the writer tells it ---------------------------------------------------------------
@@ -229,7 +238,7 @@ class Catalog:
             self._sidecars.pop(name, None)
 
     def remove(self, infos: Iterable[CheckpointInfo]) -> None:
-        """Delete checkpoints, each sidecar first (so a crash leaves an uncommitted ``.pt``), then its ``.pt``.
+        """Delete checkpoints: each one's sidecar first (a crash leaves it uncommitted), its ``.pt``, its trainer state.
 
         Raises:
             CheckpointWriteError: a file could not be deleted; earlier epochs are gone, this one is
@@ -237,8 +246,10 @@ class Catalog:
         """
         for info in infos:
             self.forget(info.epoch)
-            for suffix in (layout.YAML, layout.PT):
-                path = self.path(info.epoch, suffix)
+            names = [layout.checkpoint_name(info.epoch, layout.YAML), layout.checkpoint_name(info.epoch, layout.PT)]
+            if info.has_trainer_state:
+                names.append(layout.trainer_name(info.epoch))
+            for path in map(self.path_of, names):
                 try:
                     self.storage.delete(path)
                 except Exception as exc:
@@ -253,20 +264,10 @@ class Catalog:
     def _load_index(self, files: Mapping[str, FileFacts]) -> None:
         """Learn the entries of the last writer's index (each still checked against the listing when used)."""
         self._index_tried = True
-        if layout.CATALOG_INDEX not in files:
-            return
-        path = self.storage.join_dir(self.directory, layout.CATALOG_INDEX)
-        try:
-            facts, sidecars = catalog_index.loads(self.storage.read_bytes(path))
-        except (OSError, ValueError) as exc:  # only costs reads: every sidecar is read as without one
-            logger.warning("ignoring the catalog index %s: %s", self.storage.display(path), exc)
-            return
-        with self._lock:
-            # What this catalog read itself is newer than the index: it stays.
-            facts.update(self._facts)
-            sidecars.update(self._sidecars)
-            self._facts, self._sidecars = facts, sidecars
-        logger.debug("loaded %d entries of %s", len(facts), path)
+        loaded = catalog_index.read(self.storage, self.directory, files)
+        if loaded is not None:
+            with self._lock:  # what this catalog read itself is newer than the index: it stays
+                self._facts, self._sidecars = loaded[0] | self._facts, loaded[1] | self._sidecars
 
     def save_index(self) -> None:
         """Write the index of what this catalog knows (the writer, as it closes; see :mod:`bgsave.catalog_index`).
@@ -278,16 +279,16 @@ class Catalog:
             return  # too few to be worth an index: not even a listing
         files = self.storage.list_files(self.directory)
         with self._lock:
-            entries = {}
-            for name, facts in self._facts.items():
-                listed = files.get(name)
-                if listed is not None and _unchanged(facts, listed):
-                    entries[name] = (listed, self._sidecars[name])
-        if len(entries) < catalog_index.MIN_ENTRIES:
-            return
-        path = self.storage.join_dir(self.directory, layout.CATALOG_INDEX)
-        self.storage.write_bytes_atomic(path, catalog_index.dumps(entries))
-        logger.debug("wrote %s (%d sidecars)", path, len(entries))
+            entries = {
+                name: (listed, self._sidecars[name])
+                for name, known in self._facts.items()
+                if (listed := files.get(name)) is not None and _unchanged(known, listed)
+            }
+        catalog_index.write(self.storage, self.directory, entries)
+
+    def path_of(self, name: str) -> str:
+        """The fsspec path of a file in the checkpoint directory."""
+        return self.storage.join_dir(self.directory, name)
 
     def path(self, epoch: int, suffix: str = layout.PT) -> str:
         """The fsspec path of epoch's ``.pt`` (or ``.yaml``)."""
@@ -339,9 +340,10 @@ class Catalog:
             pt = files.get(layout.checkpoint_name(epoch, layout.PT))
             if pt is None:  # not committed, or gone since the listing
                 continue
+            trainer = layout.trainer_name(epoch) in files
             info = self._infos.get(epoch)
-            if info is None or info.sidecar is not sidecar or info.size != pt.size:
-                info = self._infos[epoch] = CheckpointInfo(epoch, self._display(epoch), pt.size, sidecar)
+            if info is None or info.sidecar is not sidecar or info.size != pt.size or info.has_trainer_state != trainer:
+                info = self._infos[epoch] = CheckpointInfo(epoch, self._display(epoch), pt.size, sidecar, trainer)
             out.append(info)
         return out
 

@@ -19,13 +19,16 @@ answer. Plain JSON: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from bgsave import layout
-from bgsave.storage import FileFacts
+from bgsave.storage import FileFacts, Storage
 
-__all__ = ("FORMAT", "MIN_ENTRIES", "dumps", "loads")
+logger = logging.getLogger(__name__)
+
+__all__ = ("FORMAT", "MIN_ENTRIES", "dumps", "loads", "read", "write")
 
 FORMAT = 2
 MIN_ENTRIES = 256
@@ -68,3 +71,31 @@ def loads(data: bytes) -> tuple[dict[str, tuple[int, object]], dict[str, dict[st
         if type(epoch) is int and name == layout.checkpoint_name(epoch, layout.YAML):
             facts[name], sidecars[name] = (size, tag), sidecar
     return facts, sidecars
+
+
+def read(
+    storage: Storage, directory: str, files: Mapping[str, FileFacts]
+) -> tuple[dict[str, tuple[int, object]], dict[str, dict[str, Any]]] | None:
+    """The index in ``directory`` (whose listing is ``files``) as :func:`loads` gives it; None if absent or unreadable.
+
+    An unreadable index is logged (WARNING) and only costs reads: every sidecar is read as without one.
+    """
+    if layout.CATALOG_INDEX not in files:
+        return None
+    path = storage.join_dir(directory, layout.CATALOG_INDEX)
+    try:
+        loaded = loads(storage.read_bytes(path))
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring the catalog index %s: %s", storage.display(path), exc)
+        return None
+    logger.debug("loaded %d entries of %s", len(loaded[0]), path)
+    return loaded
+
+
+def write(storage: Storage, directory: str, entries: Mapping[str, tuple[FileFacts, Mapping[str, Any]]]) -> None:
+    """Write the index of ``entries`` into ``directory`` atomically, unless they are fewer than :data:`MIN_ENTRIES`."""
+    if len(entries) < MIN_ENTRIES:
+        return
+    path = storage.join_dir(directory, layout.CATALOG_INDEX)
+    storage.write_bytes_atomic(path, dumps(entries))
+    logger.debug("wrote %s (%d sidecars)", path, len(entries))

@@ -4,13 +4,15 @@
 
     {run_dir}/.bgsave-writer.lock               the writer lock (bgsave.lock)
     {run_dir}/checkpoints/model_0010.pt         torch.save(agent) of epoch 10
+    {run_dir}/checkpoints/trainer_0010.pt       the trainer state of epoch 10 (optimizer, extra, RNG), if saved
     {run_dir}/checkpoints/model_0010.yaml       its sidecar, written last: its presence commits epoch 10
-    {run_dir}/checkpoints/trainer_state.pt      the newest trainer state
+    {run_dir}/checkpoints/trainer_state.pt      an older bgsave's one trainer state (read, never written)
     {run_dir}/checkpoints/.bgsave-catalog.json  what the last writer knew of the sidecars (bgsave.catalog_index)
     {run_dir}/checkpoints/.model_0010.pt.bgsave-tmp   a save in progress (local disk only)
 
 The epoch is zero-padded to four digits and grows past them (``model_12345.pt``); a name that is
-not exactly ``model_{epoch:04d}`` (``model_00005.pt``) is not a checkpoint. Temp files carry a
+not exactly ``model_{epoch:04d}`` (``model_00005.pt``) is not a checkpoint, and the same for
+``trainer_{epoch:04d}.pt``. Temp files carry a
 marker only bgsave writes (``.bgsave-tmp``), so cleaning up after a killed writer removes bgsave's
 own leftovers and never a user's ``.notes.tmp``. Nothing here touches storage.
 """
@@ -33,11 +35,14 @@ __all__ = (
     "is_temp",
     "parse",
     "temp_name",
+    "trainer_epochs_in",
+    "trainer_name",
 )
 
 CHECKPOINTS = "checkpoints"
 """The folder of a run directory that holds its checkpoints."""
 TRAINER_STATE = "trainer_state.pt"
+"""Where bgsave before per-epoch trainer states kept the newest one; still read when a run has no other."""
 CATALOG_INDEX = ".bgsave-catalog.json"
 LOCK_NAME = ".bgsave-writer.lock"
 TEMP_MARKER = ".bgsave-tmp"
@@ -67,6 +72,12 @@ _NAME = re.compile(rf"model_{_EPOCH}\.(pt|yaml)", re.ASCII)
 # "/": the one character no file name in a listing holds (a newline could).
 _PT_NAMES = re.compile(rf"(?<![^/])model_{_EPOCH}\.pt(?![^/])", re.ASCII)
 _YAML_NAMES = re.compile(rf"(?<![^/])model_{_EPOCH}\.yaml(?![^/])", re.ASCII)
+_TRAINER_NAMES = re.compile(rf"(?<![^/])trainer_{_EPOCH}\.pt(?![^/])", re.ASCII)
+
+
+def trainer_name(epoch: int) -> str:
+    """``trainer_{epoch:04d}.pt``: the trainer state saved with one epoch."""
+    return f"trainer_{epoch:04d}.pt"
 
 
 def parse(name: str) -> Name | None:
@@ -79,6 +90,11 @@ def epochs_in(names: Iterable[str]) -> tuple[set[int], set[int]]:
     """The epochs that have a ``.pt`` among ``names``, and those that have a sidecar."""
     text = "/".join(names)
     return set(map(int, _PT_NAMES.findall(text))), set(map(int, _YAML_NAMES.findall(text)))
+
+
+def trainer_epochs_in(names: Iterable[str]) -> set[int]:
+    """The epochs that have a trainer state among ``names``."""
+    return set(map(int, _TRAINER_NAMES.findall("/".join(names))))
 
 
 def temp_name(name: str) -> str:

@@ -11,7 +11,7 @@
   runs *before* the interpreter joins non-daemon threads (as ``concurrent.futures`` does); a plain
   ``atexit`` hook would run after, too late for anyio's worker threads. The finalizer holds no
   reference to the manager.
-* **SIGTERM**, on request: the handler :mod:`bgsave.preemption` installs, put back at close.
+* **SIGTERM**, on request: :mod:`bgsave.preemption`'s flag and deadline; close hands the signal on.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from bgsave.catalog import Catalog
 from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerTimeoutError
 from bgsave.lock import WriterLock
+from bgsave.preemption import Preemption
 from bgsave.snapshot import SnapshotPool
 from bgsave.worker import Worker
 
@@ -40,7 +41,7 @@ class Lifecycle:
         self._pool = pool
         self._lock = lock
         self._catalog = catalog
-        self._restore_sigterm: Callable[[], None] | None = None
+        self._preemption: Preemption | None = None
         self._finalizer = weakref.finalize(owner, _close_quietly, worker, pool, lock, worker.name)
         self._finalizer.atexit = False
         _register_exit_hook(self._finalizer)
@@ -61,20 +62,50 @@ class Lifecycle:
             ) from exc
         storage.remove_stale_temps(self._catalog.directory)
 
-    def sigterm(self, install: Callable[[], Callable[[], None]]) -> None:
-        """Put back the handler installed before (if any), then ``install()`` a new one; its restore is kept."""
-        self._put_back_sigterm()
-        self._restore_sigterm = install()
+    def sigterm(self, preemption: Preemption) -> None:
+        """Use ``preemption`` from now on, putting back the handler an earlier one replaced."""
+        if self._preemption is not None:
+            self._preemption.restore()
+        self._preemption = preemption
 
-    def _put_back_sigterm(self) -> None:
-        if self._restore_sigterm is not None:
-            self._restore_sigterm()
-            self._restore_sigterm = None
+    @property
+    def preemption_requested(self) -> bool:
+        """Whether a SIGTERM came since :meth:`sigterm` (see :mod:`bgsave.preemption`)."""
+        return self._preemption is not None and self._preemption.requested
+
+    @property
+    def preempted(self) -> bool:
+        """Whether a save was made after a SIGTERM: the loop's boundary is reached."""
+        return self._preemption is not None and self._preemption.reached
+
+    def saved(self, requested: bool) -> None:
+        """A save was submitted; ``requested``: a SIGTERM had come before it."""
+        if requested and self._preemption is not None:
+            self._preemption.reached = True
+
+    def run_final_save(self) -> None:
+        """Run the deprecated ``final_save`` once, if a SIGTERM asked for it (on the caller's thread)."""
+        final = self._preemption.take_final_save() if self._preemption is not None else None
+        if final is not None:
+            final()
 
     def close(self, timeout: float | None) -> None:
-        """Flush and stop the worker, release the lock, drop the buffers; raise what failed and was not raised."""
+        """Flush and stop the worker, release the lock, drop the buffers; raise what failed and was not raised.
+
+        After a SIGTERM, the signal is handed on last (:meth:`Preemption.finish`): what failed is
+        logged first, as the process may end there.
+        """
         self._finalizer.detach()
-        self._put_back_sigterm()
+        try:
+            self._close_worker(timeout)
+            if self.preemption_requested:
+                self._log_errors("a checkpoint write failed before the SIGTERM was handed on")
+            self._worker.raise_errors()
+        finally:
+            if self._preemption is not None:
+                self._preemption.finish()
+
+    def _close_worker(self, timeout: float | None) -> None:
         try:
             self._worker.close(timeout)
         except WorkerTimeoutError:
@@ -89,7 +120,13 @@ class Lifecycle:
             self._lock.release()
         finally:
             self._pool.clear()
-        self._worker.raise_errors()
+
+    def _log_errors(self, what: str) -> None:
+        while self._worker.pending_errors():
+            try:
+                self._worker.raise_errors()
+            except CheckpointError:
+                logger.exception("%s: %s", self._worker.name, what)
 
     def _save_index(self) -> None:
         # Only the writer: the run is ours until the lock goes. A failure only costs the next reader reads.

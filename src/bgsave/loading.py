@@ -14,12 +14,20 @@ from typing import Any
 
 import torch
 
-from bgsave import layout
+from bgsave import layout, trainer_state
 from bgsave.catalog import Catalog, CheckpointInfo
 from bgsave.errors import CheckpointNotFoundError, CheckpointReadError
 from bgsave.storage import Storage, open_storage
 
-__all__ = ("RunStart", "load_checkpoint", "load_file", "load_trainer_state", "resume")
+__all__ = (
+    "RunStart",
+    "legacy_trainer_state",
+    "load_agent",
+    "load_checkpoint",
+    "load_file",
+    "resume",
+    "trainer_state_of",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +40,9 @@ class RunStart:
         agent: The resumed agent, or the new one (already saved as epoch 0).
         epoch: The epoch the agent was saved at.
         agent_step: The agent step of that checkpoint.
-        trainer_state: ``{"optimizer_state", "epoch", "agent_step"}`` when resuming and one exists
-            *for the same epoch*; None otherwise (a trainer state of another epoch is not mixed in:
-            a WARNING names both epochs).
+        trainer_state: The trainer state saved with that epoch (``optimizer_state``, ``epoch``,
+            ``agent_step``, ``run``, and ``extra`` / ``rng`` when saved: :mod:`bgsave.trainer_state`),
+            or None when the epoch has none (a new run, or a run that never saved one).
         resumed: Whether an existing checkpoint was loaded.
         info: The resumed checkpoint's :class:`~bgsave.catalog.CheckpointInfo` (its sidecar: score,
             total_time, ...), None for a new run.
@@ -46,6 +54,29 @@ class RunStart:
     trainer_state: dict[str, Any] | None
     resumed: bool
     info: CheckpointInfo | None = None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The ``extra`` saved with the trainer state (state dicts and plain values), ``{}`` if none."""
+        return dict((self.trainer_state or {}).get("extra") or {})
+
+    def restore(self, optimizer: Any = None, *, extra: Mapping[str, Any] | None = None, rng: bool = True) -> None:
+        """Put the saved trainer state back into the trainer's live objects; nothing to do without one.
+
+        Loads ``optimizer``'s state, each ``extra`` object's (``load_state_dict``, by the key it was
+        saved under), and the RNG states when they were saved and ``rng`` is true.
+
+        Example:
+            >>> start = mgr.start_run(Policy, rng=True)  # doctest: +SKIP
+            >>> optimizer = torch.optim.Adam(start.agent.parameters())  # doctest: +SKIP
+            >>> start.restore(optimizer, extra={"scheduler": scheduler})  # doctest: +SKIP
+
+        Raises:
+            InvalidArgumentError: an ``extra`` key that was not saved, or an object that cannot
+                load one; nothing is restored then.
+        """
+        if self.trainer_state is not None:
+            trainer_state.restore(self.trainer_state, optimizer, extra, rng=rng)
 
 
 def load_file(storage: Storage, path: str, *, map_location: Any = None) -> Any:
@@ -85,33 +116,72 @@ def load_checkpoint(path: str, *, map_location: Any = None, storage_options: Map
     return load_file(storage, storage.root, map_location=map_location)
 
 
-def load_trainer_state(catalog: Catalog, latest: int | None, map_location: Any = None) -> dict[str, Any] | None:
-    """The run's ``trainer_state.pt``, or None; a WARNING names both epochs when it is not ``latest``'s."""
-    path = catalog.storage.join_dir(catalog.directory, layout.TRAINER_STATE)
+def load_agent(catalog: Catalog, epoch: int | None, run: str, map_location: Any = None) -> Any:
+    """Epoch's committed agent, or the latest (None if there is none) when ``epoch`` is None.
+
+    Raises:
+        CheckpointNotFoundError: ``epoch`` has no committed checkpoint.
+    """
+    info = catalog.latest() if epoch is None else catalog.get(epoch)
+    if info is None and epoch is not None:
+        path = catalog.storage.display(catalog.path(epoch))
+        message = f"run {run!r} has no committed checkpoint for epoch {epoch} ({path})"
+        raise CheckpointNotFoundError(message, epoch=epoch, path=path)
+    return None if info is None else load_file(catalog.storage, catalog.path(info.epoch), map_location=map_location)
+
+
+def trainer_state_of(
+    catalog: Catalog, info: CheckpointInfo, run: str, map_location: Any = None
+) -> tuple[dict[str, Any] | None, str]:
+    """``info``'s trainer state, or None and why it is not used (it has none, or it is not this run's epoch)."""
+    if not info.has_trainer_state:
+        return None, "it has no trainer state"
+    path = catalog.path_of(layout.trainer_name(info.epoch))
+    try:
+        state = load_file(catalog.storage, path, map_location=map_location)
+    except CheckpointNotFoundError:
+        return None, "its trainer state is gone"
+    if not isinstance(state, dict) or state.get("epoch") != info.epoch:
+        got = state.get("epoch") if isinstance(state, dict) else type(state).__name__
+        return None, f"{catalog.storage.display(path)} holds epoch {got!r}"
+    if state.get("run", run) != run:
+        return None, f"{catalog.storage.display(path)} is run {state['run']!r}'s"
+    return state, ""
+
+
+def legacy_trainer_state(catalog: Catalog, epoch: int, map_location: Any = None) -> dict[str, Any] | None:
+    """An older bgsave's ``trainer_state.pt``, if it is of ``epoch`` (a WARNING names both epochs if not)."""
+    path = catalog.path_of(layout.TRAINER_STATE)
     try:
         state: dict[str, Any] = load_file(catalog.storage, path, map_location=map_location)
     except CheckpointNotFoundError:
         return None
-    if state.get("epoch") != latest:
-        logger.warning(
-            "trainer state %s is from epoch %s but the latest committed agent is epoch %s; "
-            "check which one you resume from",
-            catalog.storage.display(path),
-            state.get("epoch"),
-            latest,
-        )
+    if state.get("epoch") != epoch:
+        shown = catalog.storage.display(path)
+        logger.warning("%s is from epoch %s, not epoch %s: not used", shown, state.get("epoch"), epoch)
+        return None
     return state
 
 
-def resume(catalog: Catalog, latest: CheckpointInfo, map_location: Any = None) -> RunStart:
-    """Load ``latest``'s agent and the trainer state, which is handed back only if it is of the same epoch."""
-    agent = load_file(catalog.storage, catalog.path(latest.epoch), map_location=map_location)
-    state = load_trainer_state(catalog, latest.epoch, map_location)
-    return RunStart(
-        agent=agent,
-        epoch=latest.epoch,
-        agent_step=int(latest.sidecar.get("agent_step") or 0),
-        trainer_state=state if state is not None and state.get("epoch") == latest.epoch else None,
-        resumed=True,
-        info=latest,
-    )
+def resume(catalog: Catalog, run: str, map_location: Any = None) -> RunStart | None:
+    """Load the checkpoint :meth:`Catalog.resumable` picks and its trainer state; None if nothing is committed.
+
+    A trainer state that is not the epoch's own (another run's, another epoch's) is passed over
+    for the next older consistent pair; what is passed over, and why, is logged at INFO.
+    """
+    passed: dict[int, str] = {}
+    while True:
+        info, newer = catalog.resumable(passed)
+        if info is None:
+            return None
+        state, why = trainer_state_of(catalog, info, run, map_location)
+        if state is not None or not info.has_trainer_state or info.epoch in passed:
+            break  # (the last: no consistent pair left, the newest epoch resumes without a trainer state)
+        passed[info.epoch] = why
+    for epoch, why in (newer | passed).items():
+        logger.info("%s: resuming epoch %d, passing over epoch %d: %s", run, info.epoch, epoch, why)
+    if state is None and not newer and layout.TRAINER_STATE in catalog.storage.list_names(catalog.directory):
+        state = legacy_trainer_state(catalog, info.epoch, map_location)
+    agent = load_file(catalog.storage, catalog.path(info.epoch), map_location=map_location)
+    agent_step = int(info.sidecar.get("agent_step") or 0)
+    return RunStart(agent=agent, epoch=info.epoch, agent_step=agent_step, trainer_state=state, resumed=True, info=info)

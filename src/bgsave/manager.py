@@ -18,23 +18,17 @@ from bgsave import layout, loading
 from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
 from bgsave.catalog import Catalog, CheckpointInfo, check_mode
-from bgsave.errors import (
-    BgsaveError,
-    CheckpointNotFoundError,
-    InvalidArgumentError,
-    ManagerClosedError,
-    check_bool,
-    check_int,
-)
+from bgsave.errors import BgsaveError, InvalidArgumentError, ManagerClosedError, check_bool, check_int
 from bgsave.jobs import SaveRecord
 from bgsave.lifecycle import Lifecycle
 from bgsave.loading import RunStart
 from bgsave.lock import WriterLock
 from bgsave.policies import EveryNth, RetentionPolicy
-from bgsave.preemption import install_sigterm_handler
+from bgsave.preemption import Preemption
 from bgsave.storage import RetryPolicy, open_storage
+from bgsave.trainer_state import Stateful, TrainerState
 from bgsave.worker import Worker
-from bgsave.writer import Stateful, Writer, check_optimizer
+from bgsave.writer import Writer
 
 __all__ = ("CheckpointManager", "Stateful")
 
@@ -54,26 +48,22 @@ class CheckpointManager:
         max_pending: How many saves may wait behind the one being written before ``save_*`` blocks.
             Memory for snapshots stays within ``max_pending + 1`` copies of the model.
         storage_options: Passed to fsspec (endpoint, credentials, ...).
-        wandb_run: A W&B run (``wandb.init()``): each committed checkpoint is logged to it as a
-            ``model`` artifact, on the worker after the commit (:mod:`bgsave.wandb`). Close the
-            manager before finishing the run.
+        wandb_run: A W&B run: each committed checkpoint is logged to it as a ``model`` artifact,
+            after the commit (:mod:`bgsave.wandb`). Close the manager before finishing the run.
         wandb_every_n: Upload only every N-th committed checkpoint (the first always goes).
-        keep_last: Retention: keep the N newest committed checkpoints and delete older ones,
-            on the worker after each commit (None keeps everything). The newest is never deleted.
+        keep_last: Retention: keep the N newest committed checkpoints (None: all), pruning after
+            each commit; never the newest, nor the one a resume would pick.
         keep_best: Retention: also keep the K best by ``metric`` (needs ``keep_last``).
         metric: The sidecar key ``keep_best`` ranks by, and ``find_best_checkpoint``'s default.
         mode: "max" or "min": whether a higher or lower ``metric`` is better.
-        retry: How transient storage faults (resets, 5xx, throttling) are retried; default 3
-            attempts with exponential backoff and jitter (:class:`~bgsave.RetryPolicy`).
-        crc32: Whether the ``.pt`` files carry torch's per-record CRC32s. Off by default: they
-            cost the writer ~0.3 s of CPU per GB and ``torch.load`` never checks them; turn on
-            for files that zip tools must verify (:mod:`bgsave.serialize`, torch >= 2.12).
+        retry: How transient storage faults are retried (:class:`~bgsave.RetryPolicy`; default 3
+            attempts with backoff and jitter).
+        crc32: Whether the ``.pt`` files carry torch's per-record CRC32s (off: ``torch.load`` never
+            checks them; on for zip tools; :mod:`bgsave.serialize`).
 
     Example:
         >>> with CheckpointManager("runs/exp1", "exp1") as mgr:  # doctest: +SKIP
-        ...     mgr.save_agent(agent, epoch=10, metadata={"agent_step": 40960, "score": 0.8})
-        ...     mgr.save_trainer_state(optimizer, epoch=10, agent_step=40960)
-        >>> agent = CheckpointManager("runs/exp1", "exp1").load_agent()  # doctest: +SKIP
+        ...     mgr.save_at_interval(agent, 10, interval=5, optimizer=opt, metadata={"score": 0.8})
 
     Raises:
         InvalidArgumentError: an argument is not allowed (nothing is created on disk).
@@ -149,19 +139,14 @@ class CheckpointManager:
     def save_agent(self, agent: Any, epoch: int, metadata: Mapping[str, Any] | None = None) -> str:
         """Save the whole agent as ``model_{epoch:04d}.pt`` plus its sidecar; returns the ``.pt`` path.
 
-        Returns as soon as a CPU copy is taken: the caller may then mutate or train the agent freely.
-        Saving an epoch again replaces it.
-
-        Args:
-            agent: Usually an ``nn.Module``; anything ``torch.save`` can pickle.
-            epoch: Non-negative int, the version number.
-            metadata: Scalars for the sidecar: agent_step, score, avg_reward, total_time and extras.
+        Returns once a CPU copy is taken: mutate or train the agent freely. Saving an epoch again
+        replaces it. ``metadata``: scalars for the sidecar (agent_step, score, avg_reward, ...).
 
         Raises:
             InvalidArgumentError: bad epoch or metadata, or the agent holds an OS resource (a pipe,
                 a socket, an open file) that a copy would share; nothing queued.
-            CheckpointWriteError: an earlier background save failed (or, without a background
-                worker, this one did).
+            CheckpointWriteError: the agent cannot be pickled (at once), or an earlier background
+                save failed (or, without a background worker, this one did).
             ManagerClosedError: after :meth:`close`.
         """
         self._check_open()
@@ -170,19 +155,33 @@ class CheckpointManager:
         self._submit(job)
         return job.path
 
-    def save_trainer_state(self, optimizer: Stateful, epoch: int, agent_step: int) -> None:
-        """Save the optimizer state with its epoch and agent step to ``trainer_state.pt`` (replaced atomically).
+    def save_trainer_state(
+        self,
+        optimizer: Stateful,
+        epoch: int,
+        agent_step: int,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        rng: bool = False,
+    ) -> None:
+        """Save ``optimizer``'s state (and ``extra``, the RNG) as ``trainer_{epoch:04d}.pt``, for epoch's agent.
+
+        Call it just before or after ``save_agent`` of the same epoch, or use ``save_at_interval(...,
+        optimizer=)``, which commits both at once. ``extra``: objects with ``state_dict()``
+        (schedulers, a ``GradScaler``, normalizers) and plain picklable values, by name; ``rng``:
+        record the RNG states. All taken at the call (:mod:`bgsave.trainer_state`).
 
         Raises:
-            InvalidArgumentError: optimizer has no ``state_dict()``, or a bad epoch / agent_step.
+            InvalidArgumentError: no ``state_dict()``, a bad epoch / agent_step / extra (an extra
+                value that neither has ``state_dict()`` nor pickles is named); nothing queued.
             CheckpointWriteError: an earlier background save failed.
-            ManagerClosedError: after :meth:`close`.
         """
         self._check_open()
-        check_optimizer(optimizer)
-        epoch = sidecar_schema.validate_epoch(epoch)
-        agent_step = sidecar_schema.validate_epoch(agent_step, argument="agent_step")
-        self._submit(self._writer.trainer_state_job(optimizer, epoch, agent_step))
+        trainer = TrainerState.checked(
+            optimizer, epoch, agent_step, self._run_name, extra=extra, rng=rng, required=True
+        )
+        assert trainer is not None  # required=True: an optimizer or an error
+        self._submit(self._writer.trainer_state_job(trainer))
 
     def save_at_interval(
         self,
@@ -192,11 +191,15 @@ class CheckpointManager:
         interval: int,
         metadata: Mapping[str, Any] | None = None,
         optimizer: Stateful | None = None,
+        extra: Mapping[str, Any] | None = None,
+        rng: bool = False,
     ) -> str | None:
-        """Save the agent (and the optimizer, if given) when ``epoch`` is a multiple of ``interval``.
+        """Save the agent (and its trainer state, with ``optimizer``) when ``epoch`` is a multiple of ``interval``.
 
-        The seed's periodic save: pass eval results (score, avg_reward) in ``metadata``. The trainer
-        state records ``metadata["agent_step"]`` (0 if absent).
+        The seed's periodic save: pass eval results (score, avg_reward) in ``metadata``. With
+        ``optimizer`` the agent and the trainer state (``optimizer``, ``extra``, ``rng``: see
+        :meth:`save_trainer_state`) commit together, as one epoch. After a SIGTERM (see
+        :meth:`handle_sigterm`) it saves whatever the interval: the loop's boundary is the place.
 
         Returns:
             The ``.pt`` path when a save was made, else None.
@@ -204,22 +207,20 @@ class CheckpointManager:
         self._check_open()
         check_int("interval", interval, 1)
         epoch = sidecar_schema.validate_epoch(epoch)
-        if epoch % interval:
+        sidecar = sidecar_schema.build(self._run_name, epoch, metadata)  # checked even when not saving now
+        step = sidecar["agent_step"] or 0
+        trainer = TrainerState.checked(optimizer, epoch, step, self._run_name, extra=extra, rng=rng, required=False)
+        requested = self._life.preemption_requested
+        if epoch % interval and not requested:
             return None
-        # Validate everything both saves need before the first one queues anything.
-        agent_step = sidecar_schema.build(self._run_name, epoch, metadata)["agent_step"]
-        if optimizer is not None:
-            check_optimizer(optimizer)
-        path = self.save_agent(agent, epoch, metadata)
-        if optimizer is not None:
-            self.save_trainer_state(optimizer, epoch, int(agent_step or 0))
-        return path
+        job = self._writer.agent_job(agent, epoch, sidecar, trainer)
+        self._submit(job, preempted=requested)
+        return job.path
 
     def update_metadata(self, epoch: int, /, **metrics: Any) -> None:
         """Add or change sidecar values of a saved checkpoint, for eval scores that arrive after the save.
 
-        The sidecar is rewritten atomically on the worker, after any pending save of that epoch;
-        search and retention see the new values. ``epoch`` and ``run`` cannot be changed.
+        Rewritten atomically on the worker, after any pending save of that epoch (not ``epoch``, ``run``).
 
         Example:
             >>> mgr.update_metadata(10, score=0.91, eval_episodes=64)  # doctest: +SKIP
@@ -235,29 +236,41 @@ class CheckpointManager:
             raise InvalidArgumentError("update_metadata needs at least one key=value to set")
         self._submit(self._writer.metadata_job(epoch, sidecar_schema.normalize(self._run_name, epoch, metrics)))
 
-    def _submit(self, job: Any) -> None:
+    def _submit(self, job: Any, *, preempted: bool | None = None) -> None:
+        requested = self._life.preemption_requested if preempted is None else preempted  # read before the save
+        self._life.run_final_save()
         self._worker.raise_errors()
         self._life.claim()
         self._worker.submit(job)
+        if job.needs_slot:  # a save, not a sidecar edit
+            self._life.saved(requested)
 
     def handle_sigterm(self, *, grace_s: float = 30.0, final_save: Callable[[], object] | None = None) -> None:
-        """Opt in: on SIGTERM, run ``final_save`` (if given), flush queued writes, then exit as before.
+        """Opt in: a SIGTERM makes the next save a boundary's; then :attr:`preempted`; close hands the signal on.
 
-        The handler that was installed before is kept and called afterwards (or the default action,
-        death by SIGTERM, is taken); see :mod:`bgsave.preemption`. Call from the main thread.
+        Nothing runs inside the signal handler but a flag (:mod:`bgsave.preemption`); not closed
+        ``grace_s`` after the signal, queued writes are flushed and the signal handed on anyway.
+        ``final_save`` is deprecated (run at the first save or close after the signal). Main thread.
 
         Example:
-            >>> mgr.handle_sigterm(final_save=lambda: mgr.save_agent(agent, epoch))  # doctest: +SKIP
+            >>> mgr.save_at_interval(agent, epoch, interval=10, optimizer=opt)  # doctest: +SKIP
+            >>> if mgr.preempted:  # that save was made, whatever the interval: leave, close  # doctest: +SKIP
+            ...     break
         """
         self._check_open()
-        self._life.sigterm(lambda: install_sigterm_handler(self, grace_s=grace_s, final_save=final_save))
+        flush = self._worker.flush
+        self._life.sigterm(Preemption(flush, grace_s=grace_s, final_save=final_save, name=self._run_name))
+
+    @property
+    def preempted(self) -> bool:
+        """True once a save was made after a SIGTERM (see :meth:`handle_sigterm`): leave the loop and close."""
+        return self._life.preempted
 
     # ---- waiting and closing --------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> None:
         """Block until every queued write is durable.
 
-        Args:
-            timeout: Seconds to wait at most; None waits as long as the writes take.
+        ``timeout``: seconds at most (None: as long as the writes take).
 
         Raises:
             CheckpointWriteError: for a write that failed (the oldest not yet raised).
@@ -281,6 +294,7 @@ class CheckpointManager:
         """
         if self._closed:
             return
+        self._life.run_final_save()
         self._closed = True
         self._life.close(timeout)
 
@@ -293,12 +307,11 @@ class CheckpointManager:
         if exc is None:
             self.close()
             return
-        # The block is already raising: a checkpoint failure must not replace that exception.
-        try:
+        try:  # the block is already raising: a checkpoint failure must not replace that exception
             self.close()
         except BgsaveError as close_error:
             logger.error("%s: while handling %r, closing failed: %s", self._run_name, exc, close_error)
-            if hasattr(exc, "add_note"):
+            if hasattr(exc, "add_note"):  # Python 3.11+
                 exc.add_note(f"bgsave: closing the checkpoint manager also failed: {close_error!r}")
 
     def _check_open(self) -> None:
@@ -324,10 +337,8 @@ class CheckpointManager:
     def find_best_checkpoint(self, metric: str = "score", mode: str | None = None) -> str | None:
         """Path of the checkpoint with the best finite ``metric``, or None (ties: the later epoch).
 
-        Args:
-            metric: The sidecar key to rank by.
-            mode: "max" (higher is better) or "min"; None means the manager's ``mode`` for the
-                manager's own ``metric``, and "max" for any other.
+        ``mode``: "max" (higher is better) or "min"; None: the manager's ``mode`` for its own
+        ``metric``, "max" for any other.
         """
         if mode is None:
             mode = self._mode if metric == self._metric else "max"
@@ -341,59 +352,46 @@ class CheckpointManager:
         return [info.path for info in self._read().by_min_score(float(min_score), metric)]
 
     def load_agent(self, epoch: int | None = None, *, map_location: Any = None) -> Any:
-        """Load an agent: the latest committed one when ``epoch`` is None.
+        """Load an agent: the latest committed one (None if there is none) when ``epoch`` is None.
 
         Unpickles (runs code): only point a manager at run directories you trust.
-
-        Returns:
-            The agent, or None when ``epoch`` is None and the run has no committed checkpoint.
 
         Raises:
             CheckpointNotFoundError: ``epoch`` was given and has no committed checkpoint.
             CheckpointReadError: the ``.pt`` is truncated or corrupt.
         """
-        if epoch is None:
-            latest = self._read().latest()
-            return None if latest is None else self._load(latest.epoch, map_location)
-        epoch = sidecar_schema.validate_epoch(epoch)
-        if self._read().get(epoch) is None:
-            path = self._writer.display(epoch)
-            raise CheckpointNotFoundError(
-                f"run {self._run_name!r} has no committed checkpoint for epoch {epoch} ({path})", epoch=epoch, path=path
-            )
-        return self._load(epoch, map_location)
-
-    def _load(self, epoch: int, map_location: Any) -> Any:
-        return loading.load_file(self._storage, self._catalog.path(epoch), map_location=map_location)
+        epoch = None if epoch is None else sidecar_schema.validate_epoch(epoch)
+        return loading.load_agent(self._read(), epoch, self._run_name, map_location)
 
     def load_trainer_state(self, *, map_location: Any = None) -> dict[str, Any] | None:
-        """The saved ``{"optimizer_state", "epoch", "agent_step"}``, or None if there is none.
+        """The trainer state ``start_run`` would resume with (that epoch's own), or None if it has none."""
+        info, _ = self._read().resumable()
+        return None if info is None else loading.trainer_state_of(self._catalog, info, self._run_name, map_location)[0]
 
-        Logs a WARNING naming both epochs when it differs from the latest committed agent's epoch:
-        the two are never silently mixed.
-        """
-        latest = self._read().latest()
-        return loading.load_trainer_state(self._catalog, None if latest is None else latest.epoch, map_location)
+    def start_run(self, make_agent: Callable[[], AgentT], *, map_location: Any = None, rng: bool = False) -> RunStart:
+        """Resume the run where it stopped, or start it with a new agent saved as epoch 0.
 
-    def start_run(self, make_agent: Callable[[], AgentT], *, map_location: Any = None) -> RunStart:
-        """Resume the run from its latest checkpoint, or start it with a new agent saved as epoch 0.
-
-        One listing of the run finds the checkpoint; its agent and the trainer state are loaded.
-        To record the new agent's eval score, call ``update_metadata(0, score=...)`` afterwards.
+        Takes the writer lock first: a duplicate launch gets RunLockedError before it trains. Resumes
+        the newest epoch committed with its trainer state (the newest, in a run that saves none);
+        what it passes over is logged at INFO. ``rng=True``: a new run's epoch 0 records the RNG
+        states right after ``make_agent()``, so a resume from epoch 0 continues the same streams.
 
         Example:
-            >>> start = mgr.start_run(lambda: Policy())  # doctest: +SKIP
+            >>> start = mgr.start_run(Policy, rng=True)  # doctest: +SKIP
             >>> optimizer = torch.optim.Adam(start.agent.parameters())  # doctest: +SKIP
-            >>> if start.trainer_state:  # doctest: +SKIP
-            ...     optimizer.load_state_dict(start.trainer_state["optimizer_state"])
+            >>> start.restore(optimizer)  # optimizer state and RNG; nothing for a new run  # doctest: +SKIP
         """
         if not callable(make_agent):
             raise InvalidArgumentError(
                 f"make_agent must be a callable returning a new agent, got {type(make_agent).__name__}"
             )
-        latest = self._read().latest()
-        if latest is None:
-            agent = make_agent()
-            self.save_agent(agent, 0, {"agent_step": 0})
-            return RunStart(agent=agent, epoch=0, agent_step=0, trainer_state=None, resumed=False)
-        return loading.resume(self._catalog, latest, map_location)
+        check_bool("rng", rng)
+        self._check_open()
+        self._life.claim()
+        started = loading.resume(self._read(), self._run_name, map_location)
+        if started is not None:
+            return started
+        agent = make_agent()
+        trainer = TrainerState(None, 0, 0, self._run_name, rng=True) if rng else None
+        self._submit(self._writer.agent_job(agent, 0, sidecar_schema.build(self._run_name, 0, None), trainer))
+        return RunStart(agent=agent, epoch=0, agent_step=0, trainer_state=None, resumed=False)

@@ -18,16 +18,17 @@ nothing else touches. The copy is made in two parts, in one pass:
    ``copy.deepcopy`` (on a 12-layer transformer, 122 modules, the whole snapshot fell from 22 ms to
    5 ms of CPU on 2 busy cores). Objects whose class defines ``__deepcopy__`` keep being copied by it (a
    handle that returns itself stays shared). An object the pickler refuses (a lambda, a lock) is
-   copied the old way instead: a walk of its attributes finds the tensors and ``copy.deepcopy``
-   copies the rest, so the write itself reports the error, as a plain ``torch.save`` would.
+   refused at the call (:class:`NotPicklableError`): ``torch.save`` pickles too, and would fail in
+   the writer, to be reported a save later.
 
-Objects that own an operating-system resource (a pipe's connection, a socket, an open file, a process,
-a memory map: :data:`bgsave.graph.OWNS_OS_RESOURCE`) are refused at the call, with an ``InvalidArgumentError``
-naming their attribute path (``agent.envs._pipes[0]``): a copy of one carries the caller's handle (the
-same file descriptor) and closes it when the copy is freed, so the caller's live pipe would fail with
-``EBADF``. The pickler refuses them, and before the deepcopy fallback so does a dry pass
-(:class:`ResourceCheck`), so nothing is copied first. What ``__getstate__`` leaves out is not looked
-at; an object with its own ``__deepcopy__`` is trusted with its copy.
+Objects that own an operating-system resource (a pipe's connection, a socket, an open file, a
+process, a memory map: :data:`bgsave.graph.OWNS_OS_RESOURCE`) are refused at the call, with an
+``InvalidArgumentError`` naming their attribute path (``agent.envs._pipes[0]``): a copy of one
+carries the caller's handle (the same file descriptor) and closes it when the copy is freed, so the
+caller's live pipe would fail with ``EBADF``. The pickler refuses them, and where the pickler gives
+up before meeting one (a lambda first), a dry pass (:class:`ResourceCheck`) names it, so the message
+says what matters most. What ``__getstate__`` leaves out is not looked at; an object with its own
+``__deepcopy__`` is trusted with its copy.
 
 On CUDA the buffers are pinned and the copies run ``non_blocking`` on a side stream that first waits
 for the caller's stream; the caller's stream then waits on the copy's event (so later kernels cannot
@@ -52,9 +53,13 @@ import torch
 
 from bgsave.graph import BY_VALUE, RefusedError, ResourceCheck, find_tensors, owns_os_resource, refusal
 
-__all__ = ("Snapshot", "SnapshotPool")
+__all__ = ("NotPicklableError", "Snapshot", "SnapshotPool")
 
 logger = logging.getLogger(__name__)
+
+
+class NotPicklableError(Exception):
+    """What was to be snapshotted cannot be pickled (so ``torch.save`` could not write it)."""
 
 
 class Snapshot:
@@ -298,8 +303,8 @@ class SnapshotPool:
         Raises:
             InvalidArgumentError: ``obj`` holds an object owning an OS resource (a pipe, socket, open
                 file, process...); the message names its path from ``kind``. Nothing was copied.
-            Exception: whatever ``copy.deepcopy`` raises for an object that can be neither pickled
-                nor deep-copied.
+            NotPicklableError: ``obj`` cannot be pickled (a lambda, a lock), so torch.save could not
+                write it either; the cause is chained. Nothing was copied.
         """
         with self._lock:
             free = self._free.get(kind)
@@ -312,7 +317,6 @@ class SnapshotPool:
         copier = _Copier(spare)
         file = io.BytesIO()
         pickled: bytes | None = None
-        value: Any = None
         try:
             try:
                 _SnapshotPickler(file, copier).dump(obj)
@@ -320,10 +324,10 @@ class SnapshotPool:
             except RefusedError:
                 raise
             except Exception as exc:
-                # Not picklable (a lambda, a lock): copy it the old way, and let the write report it.
-                logger.debug("snapshot of %s: not picklable (%s: %s); using deepcopy", kind, type(exc).__name__, exc)
+                # Not picklable (a lambda, a lock): torch.save, which pickles too, would fail in the
+                # writer, a save later. Fail now; but an OS resource anywhere is named first.
                 ResourceCheck().check(obj)
-                value = copier.refs[copier.deepcopy(obj)]
+                raise NotPicklableError(f"{type(exc).__name__}: {exc}") from exc
         except BaseException as exc:
             self._give_back(kind, old)  # nothing was copied into them yet
             if isinstance(exc, RefusedError):
@@ -338,7 +342,7 @@ class SnapshotPool:
                 for event in events:
                     event.synchronize()
 
-        return Snapshot(kind, value, copier.nbytes, copier.buffers, ready, _pickled=pickled, _refs=copier.refs)
+        return Snapshot(kind, None, copier.nbytes, copier.buffers, ready, _pickled=pickled, _refs=copier.refs)
 
     def _copy_async(
         self, device: torch.device, pairs: list[tuple[torch.Tensor, torch.UntypedStorage]]

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from bgsave import layout
+from bgsave import layout, trainer_state
 from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
 from bgsave.catalog import Catalog
@@ -28,28 +28,15 @@ from bgsave.errors import CheckpointNotFoundError, CheckpointWriteError, Invalid
 from bgsave.jobs import Job
 from bgsave.policies import EveryNth, RetentionPolicy
 from bgsave.serialize import torch_writer
-from bgsave.snapshot import Snapshot, SnapshotPool
+from bgsave.snapshot import NotPicklableError, Snapshot, SnapshotPool
+from bgsave.trainer_state import TrainerState
 
-__all__ = ("Stateful", "Writer", "check_optimizer")
+Payload = tuple[Snapshot, Snapshot | None]
+"""What one job's prepare took: the agent's (or a lone trainer state's) snapshot, and a trainer state's."""
+
+__all__ = ("Payload", "Writer")
 
 logger = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Stateful(Protocol):
-    """Anything with ``state_dict()``, such as a ``torch.optim.Optimizer``."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The object's state as a dict of tensors and plain values."""
-        ...
-
-
-def check_optimizer(optimizer: object) -> None:
-    """Raise InvalidArgumentError unless ``optimizer`` has a ``state_dict()`` method."""
-    if not callable(getattr(optimizer, "state_dict", None)):
-        raise InvalidArgumentError(
-            f"optimizer must have a state_dict() method (a torch.optim.Optimizer), got {type(optimizer).__name__}"
-        )
 
 
 class Writer:
@@ -85,6 +72,10 @@ class Writer:
         self._upload = upload
         self._in_flight = in_flight
         self._committed = 0  # checkpoints committed by this writer; touched only by the after-lane
+        # The epochs of the last agent and the last lone trainer state submitted (the caller's thread):
+        # how a trainer state saved by its own call is paired with its agent's.
+        self._agent_epoch: int | None = None
+        self._trainer_epoch: int | None = None
         self.pool = SnapshotPool()
 
     def display(self, epoch: int, suffix: str = layout.PT) -> str:
@@ -92,35 +83,54 @@ class Writer:
         return self._storage.display(self._catalog.path(epoch, suffix))
 
     # ---- the jobs -------------------------------------------------------------------------------
-    def agent_job(self, agent: Any, epoch: int, sidecar: Mapping[str, Any]) -> Job[Snapshot]:
-        """``model_{epoch}.pt`` from a snapshot of ``agent``, then its sidecar; after it, upload and prune."""
+    def agent_job(
+        self, agent: Any, epoch: int, sidecar: Mapping[str, Any], trainer: TrainerState | None = None
+    ) -> Job[Payload]:
+        """``model_{epoch}.pt`` from a snapshot of ``agent``, then ``trainer_{epoch}.pt`` if given, then the sidecar.
+
+        The sidecar, written last, commits both files at once. After it: upload and prune.
+        """
         data = sidecar_schema.dumps(sidecar)  # serialized now: a YAML failure is the caller's error
         shown = self.display(epoch)
+        # A trainer state saved just before for this epoch pairs with this agent; any other one on
+        # disk for this epoch is from an earlier save of it, and goes as the new .pt commits.
+        keep_trainer = trainer is not None or self._trainer_epoch == epoch
+        self._agent_epoch, self._trainer_epoch = epoch, None
+
+        def prepare() -> Payload:
+            agent_copy = self._snapshot("agent", epoch, shown, lambda: agent)
+            if trainer is None:
+                return agent_copy, None
+            try:
+                return agent_copy, self._trainer_snapshot(trainer, shown)
+            except BaseException:
+                self.pool.release(agent_copy)
+                raise
+
         return Job(
             kind="agent",
             epoch=epoch,
             path=shown,
-            prepare=lambda: self._snapshot("agent", epoch, shown, lambda: agent),
-            execute=lambda snapshot: self._write_agent(epoch, sidecar, data, snapshot),
-            release=self.pool.release,
+            prepare=prepare,
+            execute=lambda payload: self._write_epoch(epoch, sidecar, data, payload, keep_trainer),
+            release=self._release,
             after=lambda: self._after_commit(epoch, shown, sidecar),
         )
 
-    def trainer_state_job(self, optimizer: Stateful, epoch: int, agent_step: int) -> Job[Snapshot]:
-        """``trainer_state.pt`` from a snapshot of the optimizer's state, replaced atomically."""
-
-        def state() -> dict[str, Any]:
-            return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "agent_step": agent_step}
-
-        path = self._storage.join_dir(self._catalog.directory, layout.TRAINER_STATE)
+    def trainer_state_job(self, trainer: TrainerState) -> Job[Payload]:
+        """``trainer_{epoch}.pt`` alone, for an epoch whose agent is saved before or after it."""
+        epoch = trainer.epoch
+        path = self._catalog.path_of(layout.trainer_name(epoch))
         shown = self._storage.display(path)
+        if self._agent_epoch != epoch:
+            self._trainer_epoch = epoch  # the agent comes next: it keeps this file
         return Job(
             kind="trainer_state",
             epoch=epoch,
             path=shown,
-            prepare=lambda: self._snapshot("trainer_state", epoch, shown, state),
-            execute=lambda snapshot: self._write_torch(path, snapshot),
-            release=self.pool.release,
+            prepare=lambda: (self._trainer_snapshot(trainer, shown), None),
+            execute=lambda payload: self._write_torch(path, payload[0]),
+            release=self._release,
         )
 
     def metadata_job(self, epoch: int, values: Mapping[str, Any]) -> Job[None]:
@@ -145,33 +155,69 @@ class Writer:
             return self.pool.take(kind, value())
         except InvalidArgumentError:
             raise  # something that must not be copied (an OS handle): the message names where it is
-        except Exception as exc:  # neither picklable nor deep-copyable: nothing was queued
+        except NotPicklableError as exc:  # torch.save would fail in the writer, a save later: fail now
+            raise CheckpointWriteError(
+                f"the {kind} of epoch {epoch} cannot be pickled, so torch.save cannot write {shown}: {exc}",
+                epoch=epoch,
+                path=shown,
+            ) from exc.__cause__
+        except Exception as exc:  # a state_dict() or __deepcopy__ that raised: nothing was queued
             raise CheckpointWriteError(
                 f"could not copy the {kind} of epoch {epoch} for {shown}: {type(exc).__name__}: {exc}",
                 epoch=epoch,
                 path=shown,
             ) from exc
 
-    def _write_agent(self, epoch: int, sidecar: Mapping[str, Any], data: bytes, snapshot: Snapshot) -> int:
+    def _trainer_snapshot(self, trainer: TrainerState, shown: str) -> Snapshot:
+        try:
+            return self._snapshot("trainer_state", trainer.epoch, shown, trainer.build)
+        except CheckpointWriteError as exc:
+            key = trainer_state.unpicklable_key(trainer.extra)
+            if key is None:
+                raise
+            raise InvalidArgumentError(
+                f"extra[{key!r}] has no state_dict() and cannot be pickled, so it cannot be saved "
+                f"(epoch {trainer.epoch}): {exc.__cause__}"
+            ) from exc.__cause__
+
+    def _release(self, payload: Payload) -> None:
+        for snapshot in payload:
+            if snapshot is not None:
+                self.pool.release(snapshot)
+
+    def _write_epoch(
+        self, epoch: int, sidecar: Mapping[str, Any], data: bytes, payload: Payload, keep_trainer: bool
+    ) -> int:
+        agent, trainer = payload
         pt = self._catalog.path(epoch)
+        trainer_path = self._catalog.path_of(layout.trainer_name(epoch))
         yml = self._catalog.path(epoch, layout.YAML)
 
         def uncommit_old() -> None:
             self._catalog.forget(epoch)
             self._storage.delete(yml)
+            if not keep_trainer:
+                self._storage.delete(trainer_path)
 
-        size = self._write_torch(pt, snapshot, before_commit=uncommit_old)
+        size = self._write_torch(pt, agent, before_commit=uncommit_old)
+        written = [pt]
         try:
+            if trainer is not None:
+                size += self._write_torch(trainer_path, trainer)
+                written.append(trainer_path)
             size += self._storage.write_bytes_atomic(yml, data)
         except BaseException:
             # A failed save leaves nothing of itself; the cleanup's own failure must not hide the cause.
-            try:
-                self._storage.delete(pt)
-            except Exception as cleanup:
-                logger.warning("%s: could not remove %s after a failed save: %s", self._run_name, pt, cleanup)
+            for path in written:
+                try:
+                    self._storage.delete(path)
+                except Exception as cleanup:
+                    logger.warning("%s: could not remove %s after a failed save: %s", self._run_name, path, cleanup)
             raise
         self._catalog.wrote(epoch, sidecar, len(data))
-        logger.info("%s: committed epoch %d (%s, %.1f MB)", self._run_name, epoch, self.display(epoch), size / 1e6)
+        what = "agent and trainer state" if trainer is not None else "agent"
+        shown = self.display(epoch)
+        logger.info("%s: committed epoch %d, %s (%s, %.1f MB)", self._run_name, epoch, what, shown, size / 1e6)
         return size
 
     def _write_torch(self, path: str, snapshot: Snapshot, before_commit: Callable[[], None] | None = None) -> int:
@@ -215,8 +261,11 @@ class Writer:
                 copy=prunes and offline,
             )
         if prunes:
-            protect = {epoch, *self._in_flight()}
-            doomed = self._retention.to_delete(self._catalog.committed(), protect=protect)
+            committed = self._catalog.committed()
+            # Never the checkpoint a resume would continue from: the newest one with its trainer state.
+            resumable = max((info.epoch for info in committed if info.has_trainer_state), default=epoch)
+            protect = {epoch, resumable, *self._in_flight()}
+            doomed = self._retention.to_delete(committed, protect=protect)
             if doomed:
                 self._catalog.remove(doomed)
                 logger.info(

@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from enum import IntEnum
+from types import FrameType
 from typing import Any
 
 from bgsave import __version__
@@ -106,6 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> ExitCode:
     """Call the command; what it raises becomes an exit code and a message on stderr."""
+    # Ctrl-C inside torch.save's C++ writer reaches us as a RuntimeError, the KeyboardInterrupt lost:
+    # note the signal, so that whatever it turned into still exits as interrupted.
+    interrupted: list[int] = []
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if installed else None
     try:
         command(args)
     except CheckpointNotFoundError as exc:
@@ -122,8 +135,13 @@ def _run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace
         return ExitCode.OK
     except Exception as exc:  # CheckpointError, OSError, and what backends raise besides (botocore, ...)
         code, message = ExitCode.STORAGE, f"{type(exc).__name__}: {exc}"
+        if interrupted:
+            code, message = ExitCode.INTERRUPTED, "interrupted"
     else:
         return ExitCode.OK
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
     output.message(message)
     return code
 

@@ -63,7 +63,8 @@ def _open_run(args: argparse.Namespace) -> _Run:
         if storage.is_file(storage.root):
             raise InvalidArgumentError(f"{args.run_dir} is a file, not a run directory (one checkpoint: bgsave show)")
         here = storage.list_files(storage.root)
-        if any(layout.parse(name) is not None or name == layout.TRAINER_STATE for name in here):
+        ours = any(layout.parse(name) is not None or name == layout.TRAINER_STATE for name in here)
+        if ours or layout.trainer_epochs_in(here):
             directory, files = storage.root, here
         elif not here and not storage.exists(storage.root):
             raise InvalidArgumentError(f"run directory {args.run_dir} does not exist")
@@ -74,12 +75,14 @@ def _entry_record(entry: Entry) -> dict[str, Any]:
     """One epoch as JSON; an uncommitted one has only the epoch from its file name."""
     sidecar = entry.info.sidecar if entry.info else {"epoch": entry.epoch}
     size, mtime = (entry.pt.size, entry.pt.mtime) if entry.pt else (0, None)
-    return output.record(sidecar, entry.path, size, entry.info is not None, mtime)
+    trainer = entry.info is not None and entry.info.has_trainer_state
+    return output.record(sidecar, entry.path, size, entry.info is not None, mtime, trainer_state=trainer)
 
 
 def _info_record(run: _Run, info: CheckpointInfo) -> dict[str, Any]:
     facts = run.facts(info.epoch)
-    return output.record(info.sidecar, info.path, info.size, True, facts.mtime if facts else None)
+    mtime = facts.mtime if facts else None
+    return output.record(info.sidecar, info.path, info.size, True, mtime, trainer_state=info.has_trainer_state)
 
 
 # ---- ls -----------------------------------------------------------------------------------------
@@ -115,11 +118,20 @@ def ls(args: argparse.Namespace) -> None:
         )
     if not entries:
         notes.append("no checkpoints")
-    trainer = run.files.get(layout.TRAINER_STATE)
-    if trainer is not None:
+    with_trainer = sum(1 for entry in entries if entry.info is not None and entry.info.has_trainer_state)
+    if with_trainer:
+        resumable, passed = run.catalog.resumable()
+        committed = sum(entry.info is not None for entry in entries)
+        skipped = f", passing over {', '.join(map(str, passed))}" if passed else ""
         notes.append(
-            f"trainer state: {layout.TRAINER_STATE}, {output.fmt_size(trainer.size)}, "
-            f"{output.fmt_age(trainer.mtime, now)} old (epoch not shown: listing never unpickles)"
+            f"trainer states: {with_trainer} of {committed} committed epochs; "
+            f"a resume continues from epoch {resumable.epoch if resumable else '-'}{skipped}"
+        )
+    legacy = run.files.get(layout.TRAINER_STATE)
+    if legacy is not None:
+        notes.append(
+            f"trainer state of an older bgsave: {layout.TRAINER_STATE}, {output.fmt_size(legacy.size)}, "
+            f"{output.fmt_age(legacy.mtime, now)} old (epoch not shown: listing never unpickles)"
         )
     output.print_table(run.shown, _LS_HEADERS, rows, notes, right=range(7))
 
@@ -173,7 +185,11 @@ def show(args: argparse.Namespace) -> None:
     size, mtime = (facts.size, facts.mtime) if facts else (0, None)
     if args.json:
         fallback = {"epoch": parsed.epoch} if parsed else {}
-        output.print_json(output.record(sidecar or fallback, storage.display(pt), size, info is not None, mtime))
+        trainer = info is not None and info.has_trainer_state
+        shown = storage.display(pt)
+        output.print_json(
+            output.record(sidecar or fallback, shown, size, info is not None, mtime, trainer_state=trainer)
+        )
         return
     lines = [
         ["path", storage.display(pt)],
@@ -202,11 +218,13 @@ def _read_sidecar(storage: Storage, path: str) -> dict[str, Any] | None:
 
 # ---- prune --------------------------------------------------------------------------------------
 def prune(args: argparse.Namespace) -> None:
-    """Delete committed checkpoints outside the newest N and the best K (each sidecar first)."""
+    """Delete committed checkpoints outside the newest N, the best K and what a resume takes (sidecar first)."""
     policy = RetentionPolicy(keep_last=args.keep_last, keep_best=args.keep_best, metric=args.metric, mode=args.mode)
     run = _open_run(args)
     entries = run.catalog.entries()
-    doomed = policy.to_delete([entry.info for entry in entries if entry.info])
+    infos = [entry.info for entry in entries if entry.info]
+    resumable = [info.epoch for info in infos if info.has_trainer_state][-1:]  # as the manager's retention
+    doomed = policy.to_delete(infos, protect=resumable)
     if not args.dry_run:
         run.catalog.remove(doomed)
     deleted = {info.epoch for info in doomed}

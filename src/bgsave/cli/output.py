@@ -30,8 +30,10 @@ __all__ = (
 
 
 # ---- JSON ---------------------------------------------------------------------------------------
-def record(sidecar: Mapping[str, Any], path: str, size: int, committed: bool, mtime: float | None) -> dict[str, Any]:
-    """One checkpoint as JSON: the sidecar's keys, then path, size, committed and mtime; file facts win a clash.
+def record(
+    sidecar: Mapping[str, Any], path: str, size: int, committed: bool, mtime: float | None, *, trainer_state: bool
+) -> dict[str, Any]:
+    """One checkpoint as JSON: the sidecar's keys, then path, size, committed, mtime, trainer_state; file facts win.
 
     ``mtime`` is ISO 8601 in UTC, or None where the backend gives none. An uncommitted checkpoint's
     "sidecar" is just its epoch, from the file name.
@@ -41,6 +43,7 @@ def record(sidecar: Mapping[str, Any], path: str, size: int, committed: bool, mt
     out["size"] = size
     out["committed"] = committed
     out["mtime"] = datetime.fromtimestamp(mtime, tz=timezone.utc).isoformat() if mtime is not None else None
+    out["trainer_state"] = trainer_state  # whether trainer_{epoch}.pt is beside it
     return out
 
 
