@@ -100,8 +100,7 @@ def train(
         policy = start.agent
         optimizer = torch.optim.Adam(policy.parameters(), lr=LEARNING_RATE)
         # bgsave: the optimizer state and the RNG states of the resumed epoch; nothing to do for a new run.
-        # Epoch 0's trainer state holds only RNG states, and restore() refuses an optimizer for it.
-        start.restore(optimizer if start.epoch > 0 else None)
+        start.restore(optimizer)
         agent_step, total_time = start.agent_step, 0.0
         if not start.resumed:
             print(f"new run in {mgr.checkpoint_dir}: saved the initial policy as epoch 0 (eval {evaluate(policy):.1f})")

@@ -14,7 +14,7 @@ then *resumes* the run and saves until it is killed:
 2. ``CheckpointManager(...).start_run(...)``: the library's resume, which must find the same epoch and
    hand back that epoch's trainer state.
 3. One ``verified`` message to the parent, then a loop: fill every parameter and momentum buffer with
-   the next epoch, ``save_agent`` + ``save_trainer_state`` (background, ``max_pending=1``), one ``saved``
+   the next epoch, ``save_agent`` + ``save_trainer_state`` (``max_pending=1``, ``keep_last=2``), one ``saved``
    message per epoch. The buffers are mutated right after each save returns, so a snapshot that is not
    a copy shows up as a checkpoint whose values disagree with its epoch. After the first epoch the
    child waits for its writes once and reports the temp files left: the kill's must be gone by then.
@@ -78,7 +78,7 @@ MAX_LOST_EPOCHS = 1
 # A save writes three files (.pt, .yaml, trainer_N.pt), one at a time: a kill leaves at most one
 # temp file, and never more than these three names.
 MAX_TEMPS_LEFT = 3
-KEEP_EPOCHS = 2  # each child prunes older checkpoints so long soaks stay within a few checkpoints on disk
+KEEP_EPOCHS = 2  # the children's retention (keep_last): long soaks stay within a few checkpoints on disk
 CHILD_MAX_SECONDS = 120.0  # a child nobody kills stops by itself
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -215,16 +215,6 @@ def _check_trainer_state(url: str, agent_epoch: int) -> int:
     return agent_epoch
 
 
-def _prune(run_dir: str, keep_from: int) -> None:
-    """Delete checkpoints older than ``keep_from`` (sidecar first, so none is ever half-committed)."""
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    directory = f"{root}/checkpoints"
-    old = [(int(m.group(1)), m.group(2), n) for n in _listing(fs, directory) if (m := _CHECKPOINT.match(n))]
-    old += [(int(m.group(1)), "trainer", n) for n in _listing(fs, directory) if (m := _TRAINER.match(n))]
-    for _, _, name in sorted((e, s != "yaml", n) for e, s, n in old if e < keep_from):
-        fs.rm_file(f"{directory}/{name}")
-
-
 # ---- the child -----------------------------------------------------------------------------
 def child_main(run_dir: str, conn: Connection, env: Mapping[str, str], max_seconds: float) -> None:
     """Verify the run, resume it and save epoch after epoch until killed, reporting on ``conn``."""
@@ -238,7 +228,8 @@ def child_main(run_dir: str, conn: Connection, env: Mapping[str, str], max_secon
         started = time.perf_counter()
         found = verify(run_dir)
         found["late_commit"] = False
-        with bgsave.CheckpointManager(run_dir, RUN_NAME, background=True, max_pending=MAX_PENDING) as mgr:
+        manager = bgsave.CheckpointManager(run_dir, RUN_NAME, max_pending=MAX_PENDING, keep_last=KEEP_EPOCHS)
+        with manager as mgr:
             start = mgr.start_run(lambda: make_agent(0))
             if start.epoch != found["epoch"] and start.resumed:
                 # On S3 a request the killed child had fully sent (a CompleteMultipartUpload) can still
@@ -256,7 +247,6 @@ def child_main(run_dir: str, conn: Connection, env: Mapping[str, str], max_secon
                     f"but the run holds that of epoch {found['trainer_epoch']}"
                 )
             found["verify_s"] = time.perf_counter() - started
-            _prune(run_dir, start.epoch - KEEP_EPOCHS + 1)
             conn.send({"event": "verified", "start_epoch": start.epoch, **found})
             agent = start.agent
             optimizer = torch.optim.SGD(agent.parameters(), lr=0.1, momentum=0.9)

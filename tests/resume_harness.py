@@ -218,9 +218,19 @@ class Listing:
     """The run's ``checkpoints/`` after a kill."""
 
     committed: tuple[int, ...]  # epochs with a sidecar, the commit marker
-    temps: int  # bgsave temp files (a local write cut short)
-    uncommitted: int  # .pt files of epochs with no sidecar (an epoch's write cut short, or its pruning)
+    temp_names: tuple[str, ...]  # bgsave temp files (a local write cut short)
+    uncommitted_names: tuple[str, ...]  # .pt files of epochs with no sidecar (a write cut short, or a pruning)
     uploads: int | None  # S3: unfinished multipart uploads in the bucket
+
+    @property
+    def temps(self) -> int:
+        """How many temp files."""
+        return len(self.temp_names)
+
+    @property
+    def uncommitted(self) -> int:
+        """How many files of uncommitted epochs."""
+        return len(self.uncommitted_names)
 
     @property
     def newest(self) -> int | None:
@@ -236,12 +246,12 @@ def list_run(run_dir: str) -> Listing:
     except FileNotFoundError:
         names = []
     committed = sorted(int(m[1]) for n in names if (m := SIDECAR.match(n)))
-    uncommitted = sum(1 for n in names if (m := EPOCH_FILE.match(n)) and int(m[1]) not in committed)
+    uncommitted = sorted(n for n in names if (m := EPOCH_FILE.match(n)) and int(m[1]) not in committed)
     uploads = None
     if hasattr(fs, "list_multipart_uploads"):
         uploads = len(fs.list_multipart_uploads(root.split("/", 1)[0]))
-    temps = sum(1 for n in names if n.endswith(TEMP_MARKER))
-    return Listing(tuple(committed), temps, uncommitted, uploads)
+    temps = sorted(n for n in names if n.endswith(TEMP_MARKER))
+    return Listing(tuple(committed), tuple(temps), tuple(uncommitted), uploads)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -272,6 +282,9 @@ class Round:
     kills: int = 0
     jobs: int = 0
     digest: str | None = None
+    # What the finished run still holds besides its committed checkpoints: temp files, and files of epochs
+    # without a sidecar (left by a kill between a pruning's sidecar delete and its .pt deletes, say).
+    left_at_end: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -305,6 +318,7 @@ class Result:
             "kills_after_the_last_epoch": sum(r.last_epoch_printed == self.epochs for r in records),
             "late_commits": sum(r.late_commit for r in records),
             "rounds": len(self.rounds),
+            "files_left_at_the_end_of_rounds": sum(len(r.left_at_end) for r in self.rounds),
             "jobs": sum(r.jobs for r in self.rounds),
             "reference_digest": self.reference_digest,
             "final_digests": [r.digest for r in self.rounds],
@@ -429,6 +443,8 @@ def kill_loop(
                     continue
             job.finish(finish_timeout)
             current.digest = job.digest
+            end = list_run(current.run_dir)
+            current.left_at_end = [*end.temp_names, *end.uncommitted_names]
             break
         ref = ref if ref is not None else reference()
         if current.digest != ref:

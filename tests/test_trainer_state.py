@@ -98,9 +98,11 @@ def test_a_new_run_with_rng_resumed_from_epoch_0_continues_the_same_stream(local
     torch.manual_seed(99)
     with CheckpointManager(local_run_dir, "ts0") as mgr:
         start = mgr.start_run(lambda: Agent(seed=0), rng=True)
-        start.restore()
+        optimizer = make_optimizer(start.agent)
+        start.restore(optimizer)  # epoch 0 saved no optimizer state: the new optimizer is left as it is
     assert (start.epoch, start.resumed) == (0, True)
     assert draws() == expected
+    assert optimizer.state_dict()["state"] == {}
 
 
 def test_an_extra_value_that_cannot_be_saved_is_refused_at_the_call_naming_its_key(local_run_dir: str) -> None:
@@ -276,3 +278,31 @@ def test_each_backend_resumes_the_newest_epoch_with_its_trainer_state(any_run_di
         2,
         2,
     )
+
+
+def test_the_first_write_removes_what_a_killed_save_or_prune_left_for_good(local_run_dir: str) -> None:
+    """A .pt and a trainer state without their sidecar below the newest committed epoch go; a newer one stays."""
+    agent = Agent()
+    optimizer = make_optimizer(agent)
+    with CheckpointManager(local_run_dir, "debris") as mgr:
+        for epoch in (1, 2, 3):
+            mgr.save_at_interval(agent, epoch, interval=1, optimizer=optimizer)
+    checkpoints = os.path.join(local_run_dir, "checkpoints")
+    os.remove(os.path.join(checkpoints, "model_0001.yaml"))  # a prune killed after the sidecar: .pt and trainer left
+    os.remove(os.path.join(checkpoints, "model_0003.yaml"))  # the newest: as if its save had been killed
+    for name in ("notes.txt", "model_0001.pt.bak"):
+        with open(os.path.join(checkpoints, name), "w") as f:
+            f.write("the user's")
+    with CheckpointManager(local_run_dir, "debris") as mgr:
+        mgr.save_agent(agent, 4)
+    assert names(local_run_dir) == [
+        "model_0001.pt.bak",
+        "model_0002.pt",
+        "model_0002.yaml",
+        "model_0003.pt",  # newer than the newest committed epoch when the writer came: a save in flight
+        "model_0004.pt",
+        "model_0004.yaml",
+        "notes.txt",
+        "trainer_0002.pt",
+        "trainer_0003.pt",
+    ]

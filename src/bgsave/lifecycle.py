@@ -2,7 +2,8 @@
 
 * **The first write** takes the run's writer lock (:mod:`bgsave.lock`) and then removes what a killed
   writer of this run left in ``checkpoints/``: bgsave's own temp files (``*.bgsave-tmp``), or
-  unfinished multipart uploads on object stores. Nothing else is ever deleted.
+  unfinished multipart uploads on object stores, and the ``.pt`` / ``trainer_N.pt`` files without a
+  sidecar of epochs older than the newest committed one (a killed save or prune). Nothing else.
 * **close()** flushes the worker, stops it, writes the catalog's index (:mod:`bgsave.catalog_index`),
   releases the lock and drops the snapshot buffers. A
   close that times out leaves the lock held until the abandoned write has stopped: it may still land.
@@ -21,6 +22,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from bgsave import layout
 from bgsave.catalog import Catalog
 from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerTimeoutError
 from bgsave.lock import WriterLock
@@ -61,6 +63,25 @@ class Lifecycle:
                 path=storage.display(self._lock.path),
             ) from exc
         storage.remove_stale_temps(self._catalog.directory)
+        self._remove_debris()
+
+    def _remove_debris(self) -> None:
+        """Remove a ``.pt`` or trainer state without its sidecar, of an epoch older than the newest committed.
+
+        What a killed save or prune left, for good: a newer one was a save in flight when killed,
+        replaced when the resumed run saves that epoch again.
+        """
+        catalog = self._catalog
+        files = catalog.storage.list_files(catalog.directory)
+        pts, sidecars = layout.epochs_in(files)
+        committed = pts & sidecars
+        newest = max(committed, default=-1)
+        names = [layout.checkpoint_name(e, layout.PT) for e in sorted(pts - sidecars) if e < newest]
+        names += [layout.trainer_name(e) for e in sorted(layout.trainer_epochs_in(files) - committed) if e < newest]
+        for name in names:
+            catalog.storage.delete(catalog.path_of(name))
+        if names:
+            logger.info("removed %d file(s) a killed save or prune left: %s", len(names), ", ".join(names))
 
     def sigterm(self, preemption: Preemption) -> None:
         """Use ``preemption`` from now on, putting back the handler an earlier one replaced."""

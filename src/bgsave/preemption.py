@@ -5,16 +5,16 @@ handler is taken at an arbitrary point of an iteration (half an update applied, 
 not yet moved), and a handler that saves must take the manager's locks, which the interrupted main
 thread may hold: it would wait forever. So with ``CheckpointManager.handle_sigterm(grace_s=...)``:
 
-* **The handler only records.** It sets :attr:`Preemption.requested` (``mgr.preempted``) and wakes
-  a watchdog thread through a pipe: a plain assignment and one non-blocking ``os.write``. It takes
-  no lock, waits for nothing and logs nothing (logging takes locks; the watchdog logs).
+* **The handler only records.** It sets :attr:`Preemption.requested` and wakes a watchdog thread
+  through a pipe: a plain assignment and one non-blocking ``os.write``. It takes no lock, waits for
+  nothing and logs nothing (logging takes locks; the watchdog logs).
 * **The loop saves at its boundary**, through the normal path: after the signal ``save_at_interval``
   saves whatever the interval, with the trainer state, and only then does ``mgr.preempted``
-  (:attr:`Preemption.reached`) turn true: a signal landing between a loop's save and its check
-  of the flag leaves the flag false until the next boundary's save, so no boundary is skipped. The
-  loop then leaves, and closing the manager flushes the writes and **hands the signal on** as if bgsave were not there:
-  to the handler installed before (called with the same arguments), or by the default action
-  (the process dies by SIGTERM), or not at all if it was ignored.
+  (:attr:`Preemption.reached`) turn true: a signal landing between a loop's save and its check of
+  the flag leaves the flag false until the next boundary's save, so no boundary is skipped. The loop
+  then leaves, and closing the manager flushes the writes and **hands the signal on** as if bgsave
+  were not there: to the handler installed before (called with the same arguments), or by the
+  default action (the process dies by SIGTERM), or not at all if it was ignored.
 * **The deadline.** If the loop has not closed the manager ``grace_s`` after the signal, the
   watchdog flushes what is queued (bounded by ``grace_s`` again) and raises SIGTERM once more; the
   handler then hands it on at once. A main thread stuck in C code for good cannot be made to run

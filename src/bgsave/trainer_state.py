@@ -177,16 +177,14 @@ def restore(
 
     Raises:
         InvalidArgumentError: an ``extra`` key that was not saved, or an object without
-            ``load_state_dict`` for one; an optimizer given where none was saved. Nothing was
-            restored then.
+            ``load_state_dict`` for one. Nothing was restored then. An optimizer given where none
+            was saved (a new run's epoch 0, ``start_run(rng=True)``) is left as it is.
     """
     epoch = state.get("epoch")
     saved_extra: Mapping[str, Any] = state.get("extra") or {}
     targets = check_extra(extra)
     if optimizer is not None and not _has(optimizer, "load_state_dict"):
         raise InvalidArgumentError(f"optimizer must have load_state_dict(), got {type(optimizer).__name__}")
-    if optimizer is not None and state.get("optimizer_state") is None:
-        raise InvalidArgumentError(f"the trainer state of epoch {epoch} holds no optimizer state to restore")
     for key, target in targets.items():
         if key not in saved_extra:
             raise InvalidArgumentError(
@@ -196,7 +194,7 @@ def restore(
             raise InvalidArgumentError(
                 f"extra[{key!r}] has no load_state_dict(); read the saved value from RunStart.extra[{key!r}]"
             )
-    if optimizer is not None:
+    if optimizer is not None and state.get("optimizer_state") is not None:  # a new run's epoch 0 has none
         optimizer.load_state_dict(state["optimizer_state"])
     for key, target in targets.items():
         target.load_state_dict(saved_extra[key])
