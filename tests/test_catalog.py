@@ -15,9 +15,9 @@ import yaml
 
 from bgsave import CheckpointManager, InvalidArgumentError
 from bgsave import sidecar as sidecar_schema
-from bgsave.catalog import Catalog, rank
+from bgsave.catalog import Catalog
 from bgsave.layout import checkpoint_name
-from bgsave.policies import RetentionPolicy
+from bgsave.policies import RetentionPolicy, rank
 from bgsave.storage import FileFacts, Storage, open_storage
 
 pytestmark = pytest.mark.timeout(120)

@@ -7,6 +7,7 @@ real ``Storage.delete``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -46,6 +47,14 @@ def test_keep_last_keeps_the_newest_n() -> None:
     assert epochs(policy.to_keep(infos)) == [7, 8, 9]
 
 
+def test_the_checkpoint_a_resume_would_pick_is_kept() -> None:
+    """keep_last=2: the newest epoch with its trainer state (3) stays, though older than the two newest."""
+    infos = [dataclasses.replace(info(e, 0.5), has_trainer_state=e in (1, 3)) for e in range(7)]
+    policy = RetentionPolicy(keep_last=2)
+    assert epochs(policy.to_keep(infos)) == [3, 5, 6]
+    assert epochs(policy.to_delete(infos)) == [0, 1, 2, 4]
+
+
 @pytest.mark.parametrize(
     ("mode", "best"),
     [("max", [2, 5]), ("min", [0, 3])],
@@ -66,7 +75,7 @@ def test_keep_best_ranks_by_the_named_metric() -> None:
 
 
 def test_best_ties_go_to_the_later_epoch() -> None:
-    """Equal scores: the later epoch wins the last best slot, as bgsave.catalog.rank picks."""
+    """Equal scores: the later epoch wins the last best slot, as bgsave.policies.ranked picks."""
     infos = [info(0, 0.9), info(1, 0.9), info(2, 0.9), info(3, 0.1), info(4, 0.0)]
     assert epochs(RetentionPolicy(keep_last=1, keep_best=2).to_keep(infos)) == [1, 2, 4]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _models import Agent, UnwritableAgent, make_optimizer, train
+from _models import Agent, UnpicklableAgent, UnwritableAgent, make_optimizer, train
 from bgsave import CheckpointManager, CheckpointWriteError, InvalidArgumentError, RunLockedError, load_checkpoint
 
 
@@ -189,6 +189,8 @@ def test_a_trainer_state_of_another_run_is_passed_over(local_run_dir: str, caplo
     torch.save({**foreign, "run": "theirs"}, path)
     with caplog.at_level(logging.INFO, logger="bgsave"), CheckpointManager(local_run_dir, "mine") as mgr:
         start = mgr.start_run(Agent)
+        loaded = mgr.load_trainer_state()  # the same choice as start_run's
+    assert loaded is not None and loaded["epoch"] == 1
     assert start.epoch == 1
     assert start.trainer_state is not None and start.trainer_state["epoch"] == 1
     assert any("passing over epoch 2" in r.getMessage() and "'theirs'" in r.getMessage() for r in caplog.records)
@@ -306,3 +308,33 @@ def test_the_first_write_removes_what_a_killed_save_or_prune_left_for_good(local
         "trainer_0002.pt",
         "trainer_0003.pt",
     ]
+
+
+def test_a_refused_agent_save_does_not_unpair_a_trainer_state_saved_before(local_run_dir: str) -> None:
+    """Trainer state first, an agent refused at the call, then the agent again: the trainer file stays paired."""
+    agent = Agent()
+    optimizer = make_optimizer(agent)
+    with CheckpointManager(local_run_dir, "pair") as mgr:
+        mgr.save_trainer_state(optimizer, 1, 10)
+        with pytest.raises(CheckpointWriteError, match="cannot be pickled"):
+            mgr.save_agent(UnpicklableAgent(), 1)
+        mgr.save_agent(agent, 1, {"agent_step": 10})
+    assert names(local_run_dir) == ["model_0001.pt", "model_0001.yaml", "trainer_0001.pt"]
+
+
+@pytest.mark.parametrize(("saved_epoch", "used"), [(2, True), (1, False)])
+def test_an_older_bgsaves_trainer_state_pt_is_used_only_for_its_own_epoch(
+    local_run_dir: str, caplog: pytest.LogCaptureFixture, saved_epoch: int, used: bool
+) -> None:
+    """A run directory of an older bgsave (one trainer_state.pt): resumed with it when its epoch is the one resumed."""
+    agent = Agent()
+    with CheckpointManager(local_run_dir, "old") as mgr:
+        for epoch in (1, 2):
+            mgr.save_agent(agent, epoch)
+    state = {"optimizer_state": make_optimizer(agent).state_dict(), "epoch": saved_epoch, "agent_step": 20}
+    torch.save(state, os.path.join(local_run_dir, "checkpoints", "trainer_state.pt"))
+    with caplog.at_level(logging.WARNING, logger="bgsave"), CheckpointManager(local_run_dir, "old") as mgr:
+        start = mgr.start_run(Agent)
+    assert start.epoch == 2
+    assert (start.trainer_state is not None) is used
+    assert any("trainer_state.pt is from epoch 1, not epoch 2" in r.getMessage() for r in caplog.records) is not used

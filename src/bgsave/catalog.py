@@ -17,7 +17,6 @@ Nothing here unpickles or imports torch: ``bgsave ls`` starts in a fraction of `
 from __future__ import annotations
 
 import logging
-import operator
 import threading
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -25,25 +24,18 @@ from typing import Any
 
 from bgsave import catalog_index, layout
 from bgsave import sidecar as sidecar_schema
-from bgsave.errors import CheckpointWriteError, InvalidArgumentError
+from bgsave.errors import CheckpointWriteError
+from bgsave.policies import ranked, resume_candidates
 from bgsave.storage import FileFacts, Storage, open_storage
 
-__all__ = ("MODES", "Catalog", "CheckpointInfo", "Entry", "check_mode", "find_latest_checkpoint", "rank")
+__all__ = ("Catalog", "CheckpointInfo", "Entry", "find_latest_checkpoint")
 
 logger = logging.getLogger(__name__)
 
-MODES = ("max", "min")
 _NO_TRAINER = "committed without its trainer state (killed before it was durable, or saved alone)"
 _NO_AGENT = "a trainer state without a committed agent (killed before the sidecar)"
 
 Known = tuple[int, object]  # what a catalog knows of a sidecar: (size, tag) as listed; tag None: its own write
-
-
-def check_mode(mode: object, *, argument: str = "mode") -> str:
-    """Return ``mode`` if it is "max" or "min", else raise InvalidArgumentError naming ``argument``."""
-    if mode not in MODES:
-        raise InvalidArgumentError(f"{argument} must be 'max' (higher is better) or 'min', got {mode!r}")
-    return str(mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,17 +80,6 @@ class Entry:
     problem: str = ""
 
 
-def rank(infos: Iterable[CheckpointInfo], metric: str, mode: str = "max") -> list[CheckpointInfo]:
-    """Checkpoints with a finite ``metric``, best first; equal values: the later epoch first.
-
-    The one place "best" is decided (``find_best_checkpoint``, ``bgsave best``, retention's ``keep_best``).
-    """
-    sign = 1.0 if check_mode(mode) == "max" else -1.0
-    scored = [(sign * v, info.epoch, info) for info in infos if (v := info.metric(metric)) is not None]
-    scored.sort(key=operator.itemgetter(0, 1), reverse=True)
-    return [info for _, _, info in scored]
-
-
 class Catalog:
     """The checkpoints of one checkpoint directory, read through its storage (see the module docstring).
 
@@ -138,7 +119,7 @@ class Catalog:
         """
         files, _, committed = self._listing()
         trainers = layout.trainer_epochs_in(files)
-        found = self._newest((committed & trainers) - set(passed) or committed, files)
+        found = self._newest(resume_candidates(committed, trainers - set(passed)), files)
         newer = {e: _NO_TRAINER for e in committed if found is None or e > found.epoch}
         newer |= {e: _NO_AGENT for e in trainers - committed if found is not None and e > found.epoch}
         return found, dict(sorted(newer.items()))
@@ -167,11 +148,10 @@ class Catalog:
         return self._infos_of(self._sidecars_of(sorted(epochs), files), files)
 
     def best(self, metric: str = "score", mode: str = "max") -> CheckpointInfo | None:
-        """The committed checkpoint with the best finite ``metric`` (as :func:`rank` orders them), or None."""
-        sign = 1.0 if check_mode(mode) == "max" else -1.0
+        """The committed checkpoint with the best finite ``metric`` (see :func:`bgsave.policies.ranked`), or None."""
         files, found, values = self._scored(metric)
-        best = max(values, key=lambda epoch: (sign * values[epoch], epoch), default=None)
-        return None if best is None else self._infos_of({best: found[best]}, files)[0]
+        best = ranked(values, mode)[:1]
+        return self._infos_of({best[0]: found[best[0]]}, files)[0] if best else None
 
     def by_min_score(self, min_score: float, metric: str = "score") -> list[CheckpointInfo]:
         """Committed checkpoints whose finite ``metric`` is >= ``min_score``, in epoch order."""

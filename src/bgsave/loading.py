@@ -21,12 +21,11 @@ from bgsave.storage import Storage, open_storage
 
 __all__ = (
     "RunStart",
-    "legacy_trainer_state",
     "load_agent",
     "load_checkpoint",
     "load_file",
     "resume",
-    "trainer_state_of",
+    "resume_point",
 )
 
 logger = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ def load_agent(catalog: Catalog, epoch: int | None, run: str, map_location: Any 
     return None if info is None else load_file(catalog.storage, catalog.path(info.epoch), map_location=map_location)
 
 
-def trainer_state_of(
+def _trainer_state_of(
     catalog: Catalog, info: CheckpointInfo, run: str, map_location: Any = None
 ) -> tuple[dict[str, Any] | None, str]:
     """``info``'s trainer state, or None and why it is not used (it has none, or it is not this run's epoch)."""
@@ -149,7 +148,7 @@ def trainer_state_of(
     return state, ""
 
 
-def legacy_trainer_state(catalog: Catalog, epoch: int, map_location: Any = None) -> dict[str, Any] | None:
+def _legacy_trainer_state(catalog: Catalog, epoch: int, map_location: Any = None) -> dict[str, Any] | None:
     """An older bgsave's ``trainer_state.pt``, if it is of ``epoch`` (a WARNING names both epochs if not)."""
     path = catalog.path_of(layout.TRAINER_STATE)
     try:
@@ -163,8 +162,10 @@ def legacy_trainer_state(catalog: Catalog, epoch: int, map_location: Any = None)
     return state
 
 
-def resume(catalog: Catalog, run: str, map_location: Any = None) -> RunStart | None:
-    """Load the checkpoint :meth:`Catalog.resumable` picks and its trainer state; None if nothing is committed.
+def resume_point(
+    catalog: Catalog, run: str, map_location: Any = None
+) -> tuple[CheckpointInfo, dict[str, Any] | None] | None:
+    """The checkpoint a resume continues from (:meth:`Catalog.resumable`) and its trainer state; None if none.
 
     A trainer state that is not the epoch's own (another run's, another epoch's) is passed over
     for the next older consistent pair; what is passed over, and why, is logged at INFO.
@@ -174,14 +175,23 @@ def resume(catalog: Catalog, run: str, map_location: Any = None) -> RunStart | N
         info, newer = catalog.resumable(passed)
         if info is None:
             return None
-        state, why = trainer_state_of(catalog, info, run, map_location)
+        state, why = _trainer_state_of(catalog, info, run, map_location)
         if state is not None or not info.has_trainer_state or info.epoch in passed:
             break  # (the last: no consistent pair left, the newest epoch resumes without a trainer state)
         passed[info.epoch] = why
     for epoch, why in (newer | passed).items():
         logger.info("%s: resuming epoch %d, passing over epoch %d: %s", run, info.epoch, epoch, why)
-    if state is None and not newer and layout.TRAINER_STATE in catalog.storage.list_names(catalog.directory):
-        state = legacy_trainer_state(catalog, info.epoch, map_location)
+    if state is None and not newer:  # a run of an older bgsave: its one trainer_state.pt, if of this epoch
+        state = _legacy_trainer_state(catalog, info.epoch, map_location)
+    return info, state
+
+
+def resume(catalog: Catalog, run: str, map_location: Any = None) -> RunStart | None:
+    """Load the checkpoint and trainer state :func:`resume_point` picks; None if nothing is committed."""
+    point = resume_point(catalog, run, map_location)
+    if point is None:
+        return None
+    info, state = point
     agent = load_file(catalog.storage, catalog.path(info.epoch), map_location=map_location)
     agent_step = int(info.sidecar.get("agent_step") or 0)
     return RunStart(agent=agent, epoch=info.epoch, agent_step=agent_step, trainer_state=state, resumed=True, info=info)

@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 from bgsave import layout, loading
 from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
-from bgsave.catalog import Catalog, CheckpointInfo, check_mode
+from bgsave.catalog import Catalog, CheckpointInfo
 from bgsave.errors import BgsaveError, InvalidArgumentError, ManagerClosedError, check_bool, check_int
 from bgsave.jobs import SaveRecord
 from bgsave.lifecycle import Lifecycle
 from bgsave.loading import RunStart
 from bgsave.lock import WriterLock
-from bgsave.policies import EveryNth, RetentionPolicy
+from bgsave.policies import EveryNth, RetentionPolicy, check_mode
 from bgsave.preemption import Preemption
 from bgsave.storage import RetryPolicy, open_storage
 from bgsave.trainer_state import Stateful, TrainerState
@@ -210,11 +210,10 @@ class CheckpointManager:
         sidecar = sidecar_schema.build(self._run_name, epoch, metadata)  # checked even when not saving now
         step = sidecar["agent_step"] or 0
         trainer = TrainerState.checked(optimizer, epoch, step, self._run_name, extra=extra, rng=rng, required=False)
-        requested = self._life.preemption_requested
-        if epoch % interval and not requested:
+        if epoch % interval and not self._life.preemption_requested:
             return None
         job = self._writer.agent_job(agent, epoch, sidecar, trainer)
-        self._submit(job, preempted=requested)
+        self._submit(job)
         return job.path
 
     def update_metadata(self, epoch: int, /, **metrics: Any) -> None:
@@ -236,8 +235,8 @@ class CheckpointManager:
             raise InvalidArgumentError("update_metadata needs at least one key=value to set")
         self._submit(self._writer.metadata_job(epoch, sidecar_schema.normalize(self._run_name, epoch, metrics)))
 
-    def _submit(self, job: Any, *, preempted: bool | None = None) -> None:
-        requested = self._life.preemption_requested if preempted is None else preempted  # read before the save
+    def _submit(self, job: Any) -> None:
+        requested = self._life.preemption_requested  # read before the snapshot: the save is the boundary's
         self._life.run_final_save()
         self._worker.raise_errors()
         self._life.claim()
@@ -365,8 +364,8 @@ class CheckpointManager:
 
     def load_trainer_state(self, *, map_location: Any = None) -> dict[str, Any] | None:
         """The trainer state ``start_run`` would resume with (that epoch's own), or None if it has none."""
-        info, _ = self._read().resumable()
-        return None if info is None else loading.trainer_state_of(self._catalog, info, self._run_name, map_location)[0]
+        point = loading.resume_point(self._read(), self._run_name, map_location)
+        return None if point is None else point[1]
 
     def start_run(self, make_agent: Callable[[], AgentT], *, map_location: Any = None, rng: bool = False) -> RunStart:
         """Resume the run where it stopped, or start it with a new agent saved as epoch 0.

@@ -3,10 +3,10 @@
 Retention is the union of small rules, like Orbax's ``preservation_policy`` (``LatestN``, ``BestN``):
 
 * :class:`LatestN` keeps the ``n`` newest committed checkpoints;
-* :class:`BestN` keeps the ``n`` best by a sidecar metric, ranked by :func:`bgsave.catalog.rank`
+* :class:`BestN` keeps the ``n`` best by a sidecar metric, ranked by :func:`ranked`
   (the one place "best" is decided: ``find_best_checkpoint`` agrees with what retention keeps);
 * :class:`RetentionPolicy` is the manager's ``keep_last`` / ``keep_best`` / ``metric`` / ``mode``:
-  ``LatestN(keep_last)`` or ``BestN(keep_best)``, and always the newest whatever the numbers.
+  ``LatestN(keep_last)`` or ``BestN(keep_best)``, and always the newest and the one a resume would pick.
 
 A missing, non-numeric or non-finite metric never counts as best. Deciding takes
 :class:`~bgsave.catalog.CheckpointInfo` values and returns epochs, so it is tested without I/O; the
@@ -21,13 +21,56 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bgsave.catalog import CheckpointInfo, check_mode, rank
 from bgsave.errors import InvalidArgumentError, check_int
 
-__all__ = ("BestN", "EveryNth", "LatestN", "RetentionPolicy")
+if TYPE_CHECKING:  # the catalog imports the rules below; at run time nothing here needs it
+    from bgsave.catalog import CheckpointInfo
+
+__all__ = (
+    "MODES",
+    "BestN",
+    "EveryNth",
+    "LatestN",
+    "RetentionPolicy",
+    "check_mode",
+    "rank",
+    "ranked",
+    "resume_candidates",
+)
+
+MODES = ("max", "min")
+
+
+def check_mode(mode: object, *, argument: str = "mode") -> str:
+    """Return ``mode`` if it is "max" or "min", else raise InvalidArgumentError naming ``argument``."""
+    if mode not in MODES:
+        raise InvalidArgumentError(f"{argument} must be 'max' (higher is better) or 'min', got {mode!r}")
+    return str(mode)
+
+
+def ranked(values: Mapping[int, float], mode: str = "max") -> list[int]:
+    """Epochs by their value, best first; equal values: the later epoch first.
+
+    The one place "best" is decided (``find_best_checkpoint``, ``bgsave best``, retention's ``keep_best``).
+    """
+    sign = 1.0 if check_mode(mode) == "max" else -1.0
+    return sorted(values, key=lambda epoch: (sign * values[epoch], epoch), reverse=True)
+
+
+def rank(infos: Iterable[CheckpointInfo], metric: str, mode: str = "max") -> list[CheckpointInfo]:
+    """Checkpoints with a finite ``metric``, best first, as :func:`ranked` orders them."""
+    by_epoch = {info.epoch: info for info in infos}
+    values = {epoch: v for epoch, info in by_epoch.items() if (v := info.metric(metric)) is not None}
+    return [by_epoch[epoch] for epoch in ranked(values, mode)]
+
+
+def resume_candidates(committed: set[int], with_trainer: set[int]) -> set[int]:
+    """The epochs a resume may continue from: those committed with their trainer state, if any, else all."""
+    return committed & with_trainer or committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +155,9 @@ class RetentionPolicy:
         keep = LatestN(self.keep_last).keep(ordered) | BestN(self.keep_best, self.metric, self.mode).keep(ordered)
         if ordered:
             keep.add(ordered[-1].epoch)  # the newest, whatever the numbers say
+            # ...and the one a resume would continue from: the newest committed with its trainer state.
+            committed = {info.epoch for info in ordered}
+            keep.add(max(resume_candidates(committed, {info.epoch for info in ordered if info.has_trainer_state})))
         return [info for info in ordered if info.epoch in keep]
 
     def to_delete(self, infos: Iterable[CheckpointInfo], *, protect: Collection[int] = ()) -> list[CheckpointInfo]:

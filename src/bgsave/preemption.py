@@ -138,7 +138,9 @@ class Preemption:
     # ---- the manager's side ---------------------------------------------------------------------------
     def take_final_save(self) -> Callable[[], object] | None:
         """The deprecated ``final_save``, once, when a signal came (the manager runs it before its next write)."""
-        final, self._final_save = (self._final_save, None) if self.requested else (None, self._final_save)
+        if not self.requested:
+            return None
+        final, self._final_save = self._final_save, None
         return final
 
     def finish(self) -> None:

@@ -95,17 +95,16 @@ class Writer:
         # A trainer state saved just before for this epoch pairs with this agent; any other one on
         # disk for this epoch is from an earlier save of it, and goes as the new .pt commits.
         keep_trainer = trainer is not None or self._trainer_epoch == epoch
-        self._agent_epoch, self._trainer_epoch = epoch, None
 
         def prepare() -> Payload:
             agent_copy = self._snapshot("agent", epoch, shown, lambda: agent)
-            if trainer is None:
-                return agent_copy, None
             try:
-                return agent_copy, self._trainer_snapshot(trainer, shown)
+                payload = agent_copy, None if trainer is None else self._trainer_snapshot(trainer, shown)
             except BaseException:
                 self.pool.release(agent_copy)
                 raise
+            self._agent_epoch, self._trainer_epoch = epoch, None  # only a save that is queued pairs
+            return payload
 
         return Job(
             kind="agent",
@@ -122,13 +121,18 @@ class Writer:
         epoch = trainer.epoch
         path = self._catalog.path_of(layout.trainer_name(epoch))
         shown = self._storage.display(path)
-        if self._agent_epoch != epoch:
-            self._trainer_epoch = epoch  # the agent comes next: it keeps this file
+
+        def prepare() -> Payload:
+            payload = self._trainer_snapshot(trainer, shown), None
+            if self._agent_epoch != epoch:
+                self._trainer_epoch = epoch  # the agent comes next: it keeps this file
+            return payload
+
         return Job(
             kind="trainer_state",
             epoch=epoch,
             path=shown,
-            prepare=lambda: (self._trainer_snapshot(trainer, shown), None),
+            prepare=prepare,
             execute=lambda payload: self._write_torch(path, payload[0]),
             release=self._release,
         )
@@ -261,11 +265,8 @@ class Writer:
                 copy=prunes and offline,
             )
         if prunes:
-            committed = self._catalog.committed()
-            # Never the checkpoint a resume would continue from: the newest one with its trainer state.
-            resumable = max((info.epoch for info in committed if info.has_trainer_state), default=epoch)
-            protect = {epoch, resumable, *self._in_flight()}
-            doomed = self._retention.to_delete(committed, protect=protect)
+            protect = {epoch, *self._in_flight()}
+            doomed = self._retention.to_delete(self._catalog.committed(), protect=protect)
             if doomed:
                 self._catalog.remove(doomed)
                 logger.info(

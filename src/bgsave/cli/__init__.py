@@ -27,9 +27,9 @@ from types import FrameType
 from typing import Any
 
 from bgsave import __version__
-from bgsave.catalog import MODES
 from bgsave.cli import commands, output
 from bgsave.errors import CheckpointNotFoundError, CheckpointReadError, InvalidArgumentError
+from bgsave.policies import MODES
 
 __all__ = (
     "EXIT_INTERRUPTED",

@@ -218,13 +218,11 @@ def _read_sidecar(storage: Storage, path: str) -> dict[str, Any] | None:
 
 # ---- prune --------------------------------------------------------------------------------------
 def prune(args: argparse.Namespace) -> None:
-    """Delete committed checkpoints outside the newest N, the best K and what a resume takes (sidecar first)."""
+    """Delete committed checkpoints the retention policy does not keep (each sidecar first)."""
     policy = RetentionPolicy(keep_last=args.keep_last, keep_best=args.keep_best, metric=args.metric, mode=args.mode)
     run = _open_run(args)
     entries = run.catalog.entries()
-    infos = [entry.info for entry in entries if entry.info]
-    resumable = [info.epoch for info in infos if info.has_trainer_state][-1:]  # as the manager's retention
-    doomed = policy.to_delete(infos, protect=resumable)
+    doomed = policy.to_delete([entry.info for entry in entries if entry.info])
     if not args.dry_run:
         run.catalog.remove(doomed)
     deleted = {info.epoch for info in doomed}
