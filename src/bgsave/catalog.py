@@ -150,7 +150,7 @@ class Catalog:
     def best(self, metric: str = "score", mode: str = "max") -> CheckpointInfo | None:
         """The committed checkpoint with the best finite ``metric`` (see :func:`bgsave.policies.ranked`), or None."""
         files, found, values = self._scored(metric)
-        best = ranked(values, mode)[:1]
+        best = ranked(values, mode, limit=1)
         return self._infos_of({best[0]: found[best[0]]}, files)[0] if best else None
 
     def by_min_score(self, min_score: float, metric: str = "score") -> list[CheckpointInfo]:
