@@ -31,3 +31,8 @@ timeout "${CORE_TIMEOUT:-120}" $py -m pytest -q -p no:cacheprovider -x --timeout
     tests/test_update_metadata.py tests/test_write_behind.py 2>&1 | tee "$out/core_tests.log" | tail -25
 core=${PIPESTATUS[0]}
 echo "cuda tests rc=$cuda, benchmark rc=$bench, core tests rc=$core"
+
+echo "== NCCL training group + bgsave (cpu:gloo,cuda:nccl), one rank"
+timeout "${NCCL_TIMEOUT:-180}" $py -m torch.distributed.run --standalone --nproc-per-node 1 \
+    scripts/nccl_check.py --out "$out/nccl.json" 2>&1 | tee "$out/nccl.log" | tail -12
+echo "nccl check rc=${PIPESTATUS[0]}"

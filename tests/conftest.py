@@ -10,6 +10,14 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--ranks4``: also run the slow 4-rank torch.distributed test (or set BGSAVE_RANKS4=1)."""
+    parser.addoption(
+        "--ranks4", action="store_true", default=False, help="run the 4-rank torch.distributed test (slow)"
+    )
+
+
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

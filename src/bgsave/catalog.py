@@ -44,7 +44,7 @@ class CheckpointInfo:
 
     Attributes:
         epoch: The epoch (= version) number.
-        path: The ``.pt`` file (local path or URL).
+        path: The ``.pt`` file (local path or URL), or the ``.dcp`` directory of a sharded save.
         size: Size of the ``.pt`` in bytes.
         sidecar: The parsed sidecar (epoch, agent_step, score, avg_reward, total_time, run, extras).
         has_trainer_state: Whether ``trainer_{epoch}.pt`` was listed beside it.
@@ -59,6 +59,11 @@ class CheckpointInfo:
     def metric(self, name: str) -> float | None:
         """The finite numeric value of ``name`` in the sidecar, or None."""
         return sidecar_schema.metric_value(self.sidecar, name)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are a DCP directory of shards (``model_N.dcp``, ``sharding="dcp"``), not a ``.pt``."""
+        return self.path.endswith("." + layout.DCP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +189,8 @@ class Catalog:
         return [
             Entry(
                 epoch,
-                self._display(epoch),
-                files.get(layout.checkpoint_name(epoch, layout.PT)),
+                self._display(layout.data_name(epoch, files)),
+                files.get(layout.data_name(epoch, files)),
                 infos.get(epoch),
                 "" if epoch in infos else problems.get(epoch, "no sidecar (a save in progress, or killed)"),
             )
@@ -195,13 +200,14 @@ class Catalog:
     def entry(self, epoch: int) -> Entry:
         """One epoch, as :meth:`entries` would describe it (also when only its sidecar exists, or nothing)."""
         files = self.storage.list_files(self.directory)
-        pt = files.get(layout.checkpoint_name(epoch, layout.PT))
+        name = layout.data_name(epoch, files)
+        pt = files.get(name)
         problems: dict[int, str] = {}
         info = self._one(epoch, files, problems)
         problem = "" if info is not None else "the .pt is missing" if pt is None else problems.get(epoch, "")
         if layout.checkpoint_name(epoch, layout.YAML) not in files:
             problem = "no sidecar"
-        return Entry(epoch, self._display(epoch), pt, info, problem)
+        return Entry(epoch, self._display(name), pt, info, problem)
 
     # ---- what the writer tells it ---------------------------------------------------------------
     def wrote(self, epoch: int, sidecar: Mapping[str, Any], size: int) -> None:
@@ -226,12 +232,13 @@ class Catalog:
         """
         for info in infos:
             self.forget(info.epoch)
-            names = [layout.checkpoint_name(info.epoch, layout.YAML), layout.checkpoint_name(info.epoch, layout.PT)]
+            data = layout.checkpoint_name(info.epoch, layout.DCP if info.sharded else layout.PT)
+            names = [layout.checkpoint_name(info.epoch, layout.YAML), data]
             if info.has_trainer_state:
                 names.append(layout.trainer_name(info.epoch))
-            for path in map(self.path_of, names):
+            for name, path in zip(names, map(self.path_of, names), strict=True):
                 try:
-                    self.storage.delete(path)
+                    (self.storage.remove_tree if name.endswith(layout.DCP) else self.storage.delete)(path)
                 except Exception as exc:
                     shown = self.storage.display(path)
                     raise CheckpointWriteError(
@@ -275,8 +282,8 @@ class Catalog:
         return self.storage.join_dir(self.directory, layout.checkpoint_name(epoch, suffix))
 
     # ---- reading sidecars ------------------------------------------------------------------------
-    def _display(self, epoch: int) -> str:
-        return self._shown_dir + layout.checkpoint_name(epoch, layout.PT)
+    def _display(self, name: str) -> str:
+        return self._shown_dir + name
 
     def _sidecars_of(
         self, epochs: list[int], files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
@@ -317,13 +324,14 @@ class Catalog:
         """
         out = []
         for epoch, sidecar in sidecars.items():
-            pt = files.get(layout.checkpoint_name(epoch, layout.PT))
+            name = layout.data_name(epoch, files)
+            pt = files.get(name)
             if pt is None:  # not committed, or gone since the listing
                 continue
             trainer = layout.trainer_name(epoch) in files
             info = self._infos.get(epoch)
             if info is None or info.sidecar is not sidecar or info.size != pt.size or info.has_trainer_state != trainer:
-                info = self._infos[epoch] = CheckpointInfo(epoch, self._display(epoch), pt.size, sidecar, trainer)
+                info = self._infos[epoch] = CheckpointInfo(epoch, self._display(name), pt.size, sidecar, trainer)
             out.append(info)
         return out
 

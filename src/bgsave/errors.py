@@ -9,6 +9,8 @@
     ├── RunLockedError            another live writer holds the run directory (also a RuntimeError)
     ├── WorkerError               the background worker died (also a RuntimeError)
     │   └── WorkerTimeoutError    wait(timeout=) / close(timeout=) ran out (also a TimeoutError)
+    ├── DistributedError          a collective of bgsave's with the other ranks failed or timed out
+    │                             (a rank died or did not make the same call; also a RuntimeError)
     └── CheckpointError           a checkpoint could not be written or read; carries .epoch and .path
         ├── CheckpointWriteError  a write failed (in the background or not); the cause is chained
         ├── CheckpointReadError   a checkpoint file is truncated, corrupt or unreadable
@@ -27,6 +29,7 @@ __all__ = (
     "CheckpointNotFoundError",
     "CheckpointReadError",
     "CheckpointWriteError",
+    "DistributedError",
     "InvalidArgumentError",
     "ManagerClosedError",
     "RunLockedError",
@@ -34,6 +37,7 @@ __all__ = (
     "WorkerError",
     "WorkerTimeoutError",
     "check_bool",
+    "check_choice",
     "check_int",
 )
 
@@ -42,6 +46,13 @@ def check_int(name: str, value: object, minimum: int) -> int:
     """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise InvalidArgumentError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise InvalidArgumentError naming ``name``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidArgumentError(f"{name} must be one of {allowed}, got {value!r}")
     return value
 
 
@@ -87,6 +98,14 @@ class WorkerError(BgsaveError, RuntimeError):
 
 class WorkerTimeoutError(WorkerError, TimeoutError):
     """Queued writes did not finish within the timeout given to ``wait()`` or ``close()``."""
+
+
+class DistributedError(BgsaveError, RuntimeError):
+    """A collective of bgsave's with the other ranks failed or ran past ``collective_timeout_s``.
+
+    A rank died, or not every rank made the same call (``start_run``, ``wait()``, ``close()``);
+    ``__cause__`` holds torch.distributed's error.
+    """
 
 
 class CheckpointError(BgsaveError):

@@ -6,6 +6,7 @@
     {run_dir}/checkpoints/model_0010.pt         torch.save(agent) of epoch 10
     {run_dir}/checkpoints/trainer_0010.pt       the trainer state of epoch 10 (optimizer, extra, RNG), if saved
     {run_dir}/checkpoints/model_0010.yaml       its sidecar, written last: its presence commits epoch 10
+    {run_dir}/checkpoints/model_0010.dcp/       instead of the .pt, a sharded agent's DCP directory (sharding="dcp")
     {run_dir}/checkpoints/trainer_state.pt      an older bgsave's one trainer state (read, never written)
     {run_dir}/checkpoints/.bgsave-catalog.json  what the last writer knew of the sidecars (bgsave.catalog_index)
     {run_dir}/checkpoints/.model_0010.pt.bgsave-tmp   a save in progress (local disk only)
@@ -20,7 +21,7 @@ own leftovers and never a user's ``.notes.tmp``. Nothing here touches storage.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 __all__ = (
@@ -31,6 +32,8 @@ __all__ = (
     "TRAINER_STATE",
     "Name",
     "checkpoint_name",
+    "data_name",
+    "dcp_epochs_in",
     "epochs_in",
     "is_temp",
     "parse",
@@ -50,6 +53,7 @@ TEMP_MARKER = ".bgsave-tmp"
 
 PT = "pt"
 YAML = "yaml"
+DCP = "dcp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +74,8 @@ _EPOCH = r"(\d{4}|[1-9]\d{4,})"
 _NAME = re.compile(rf"model_{_EPOCH}\.(pt|yaml)", re.ASCII)
 # The same, found in C over all names at once (a run of 10,000 checkpoints lists 20,000), joined by
 # "/": the one character no file name in a listing holds (a newline could).
-_PT_NAMES = re.compile(rf"(?<![^/])model_{_EPOCH}\.pt(?![^/])", re.ASCII)
+_PT_NAMES = re.compile(rf"(?<![^/])model_{_EPOCH}\.(?:pt|dcp)(?![^/])", re.ASCII)
+_DCP_NAMES = re.compile(rf"(?<![^/])model_{_EPOCH}\.dcp(?![^/])", re.ASCII)
 _YAML_NAMES = re.compile(rf"(?<![^/])model_{_EPOCH}\.yaml(?![^/])", re.ASCII)
 _TRAINER_NAMES = re.compile(rf"(?<![^/])trainer_{_EPOCH}\.pt(?![^/])", re.ASCII)
 
@@ -86,8 +91,22 @@ def parse(name: str) -> Name | None:
     return None if m is None else Name(int(m.group(1)), m.group(2))
 
 
+def data_name(epoch: int, names: Container[str]) -> str:
+    """The name of epoch's weights among ``names``: its ``.pt``, else its ``.dcp`` directory, else the ``.pt``'s."""
+    pt = checkpoint_name(epoch, PT)
+    if pt in names:
+        return pt
+    dcp = checkpoint_name(epoch, DCP)
+    return dcp if dcp in names else pt
+
+
+def dcp_epochs_in(names: Iterable[str]) -> set[int]:
+    """The epochs that have a ``.dcp`` directory among ``names``."""
+    return set(map(int, _DCP_NAMES.findall("/".join(names))))
+
+
 def epochs_in(names: Iterable[str]) -> tuple[set[int], set[int]]:
-    """The epochs that have a ``.pt`` among ``names``, and those that have a sidecar."""
+    """The epochs that have a ``.pt`` (or ``.dcp`` directory) among ``names``, and those that have a sidecar."""
     text = "/".join(names)
     return set(map(int, _PT_NAMES.findall(text))), set(map(int, _YAML_NAMES.findall(text)))
 

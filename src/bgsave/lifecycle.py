@@ -2,10 +2,12 @@
 
 * **The first write** takes the run's writer lock (:mod:`bgsave.lock`) and then removes what a killed
   writer of this run left in ``checkpoints/``: bgsave's own temp files (``*.bgsave-tmp``), or
-  unfinished multipart uploads on object stores, and the ``.pt`` / ``trainer_N.pt`` files without a
-  sidecar of epochs older than the newest committed one (a killed save or prune). Nothing else.
+  unfinished multipart uploads on object stores, the ``.pt`` / ``trainer_N.pt`` files without a
+  sidecar of epochs older than the newest committed one (a killed save or prune), and any
+  ``model_N.dcp`` directory without its sidecar (a killed sharded save). Nothing else.
 * **close()** flushes the worker, stops it, writes the catalog's index (:mod:`bgsave.catalog_index`),
-  releases the lock and drops the snapshot buffers. A
+  releases the lock and drops the snapshot buffers; under torch.distributed a failure reaches every
+  rank (:mod:`bgsave.distributed`). A
   close that times out leaves the lock held until the abandoned write has stopped: it may still land.
 * **Dropped unclosed, or the interpreter exiting**: a finalizer closes the worker and logs (it can
   raise to no one) the errors nobody saw. It is registered with ``threading._register_atexit``, which
@@ -24,6 +26,7 @@ from collections.abc import Callable
 
 from bgsave import layout
 from bgsave.catalog import Catalog
+from bgsave.distributed import Ranks
 from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerTimeoutError
 from bgsave.lock import WriterLock
 from bgsave.preemption import Preemption
@@ -76,10 +79,16 @@ class Lifecycle:
         pts, sidecars = layout.epochs_in(files)
         committed = pts & sidecars
         newest = max(committed, default=-1)
-        names = [layout.checkpoint_name(e, layout.PT) for e in sorted(pts - sidecars) if e < newest]
+        shards = layout.dcp_epochs_in(files)
+        names = [layout.checkpoint_name(e, layout.PT) for e in sorted(pts - sidecars - shards) if e < newest]
         names += [layout.trainer_name(e) for e in sorted(layout.trainer_epochs_in(files) - committed) if e < newest]
+        # A DCP save overwrites its shards in place: an uncommitted one goes whatever its epoch.
+        dirs = [layout.checkpoint_name(e, layout.DCP) for e in sorted(shards - sidecars)]
         for name in names:
             catalog.storage.delete(catalog.path_of(name))
+        for name in dirs:
+            catalog.storage.remove_tree(catalog.path_of(name))
+        names += dirs
         if names:
             logger.info("removed %d file(s) a killed save or prune left: %s", len(names), ", ".join(names))
 
@@ -88,6 +97,11 @@ class Lifecycle:
         if self._preemption is not None:
             self._preemption.restore()
         self._preemption = preemption
+
+    @property
+    def handles_sigterm(self) -> bool:
+        """Whether :meth:`sigterm` was called (``handle_sigterm``)."""
+        return self._preemption is not None
 
     @property
     def preemption_requested(self) -> bool:
@@ -113,16 +127,29 @@ class Lifecycle:
     def close(self, timeout: float | None) -> None:
         """Flush and stop the worker, release the lock, drop the buffers; raise what failed and was not raised.
 
-        After a SIGTERM, the signal is handed on last (:meth:`Preemption.finish`): what failed is
-        logged first, as the process may end there.
+        After a SIGTERM what failed is logged too, as the process may end at :meth:`hand_on`.
         """
         self._finalizer.detach()
+        self._close_worker(timeout)
+        if self.preemption_requested:
+            self._log_errors("a checkpoint write failed before the SIGTERM was handed on")
+        self._worker.raise_errors()
+
+    def end(self, timeout: float | None, ranks: Ranks, *, together: bool) -> None:
+        """:meth:`close`, then drop bgsave's process group and hand a SIGTERM on (the process may end there).
+
+        ``together``: under torch.distributed, a failure on rank 0 is raised on every rank
+        (:meth:`Ranks.everywhere`); not while a ``with`` block is raising: the other ranks may be gone.
+        """
         try:
-            self._close_worker(timeout)
-            if self.preemption_requested:
-                self._log_errors("a checkpoint write failed before the SIGTERM was handed on")
-            self._worker.raise_errors()
+            if together and ranks.distributed:
+                if not ranks.is_writer:
+                    self.close(timeout)  # holds nothing that could fail: rank 0 writes
+                ranks.everywhere("close()", lambda: self.close(timeout))
+            else:
+                self.close(timeout)
         finally:
+            ranks.close()
             if self._preemption is not None:
                 self._preemption.finish()
 

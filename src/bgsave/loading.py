@@ -17,6 +17,7 @@ import torch
 from bgsave import layout, trainer_state
 from bgsave.catalog import Catalog, CheckpointInfo
 from bgsave.errors import CheckpointNotFoundError, CheckpointReadError
+from bgsave.shards import load_shards
 from bgsave.storage import Storage, open_storage
 
 __all__ = (
@@ -24,6 +25,7 @@ __all__ = (
     "load_agent",
     "load_checkpoint",
     "load_file",
+    "load_start",
     "resume",
     "resume_point",
 )
@@ -45,6 +47,8 @@ class RunStart:
         resumed: Whether an existing checkpoint was loaded.
         info: The resumed checkpoint's :class:`~bgsave.catalog.CheckpointInfo` (its sidecar: score,
             total_time, ...), None for a new run.
+        shards: The DCP directory of a sharded (``sharding="dcp"``) checkpoint, else None: ``agent``
+            is then a new ``make_agent()``, loaded by :meth:`restore` once sharded (``model=``).
     """
 
     agent: Any
@@ -53,17 +57,21 @@ class RunStart:
     trainer_state: dict[str, Any] | None
     resumed: bool
     info: CheckpointInfo | None = None
+    shards: str | None = None
 
     @property
     def extra(self) -> dict[str, Any]:
         """The ``extra`` saved with the trainer state (state dicts and plain values), ``{}`` if none."""
         return dict((self.trainer_state or {}).get("extra") or {})
 
-    def restore(self, optimizer: Any = None, *, extra: Mapping[str, Any] | None = None, rng: bool = True) -> None:
+    def restore(
+        self, optimizer: Any = None, *, extra: Mapping[str, Any] | None = None, rng: bool = True, model: Any = None
+    ) -> None:
         """Put the saved trainer state back into the trainer's live objects; nothing to do without one.
 
         Loads ``optimizer``'s state, each ``extra`` object's (``load_state_dict``, by the key it was
-        saved under), and the RNG states when they were saved and ``rng`` is true.
+        saved under), and the RNG states when they were saved and ``rng`` is true. ``model``: the
+        sharded model, for an optimizer of FSDP shards (:mod:`bgsave.sharding`).
 
         Example:
             >>> start = mgr.start_run(Policy, rng=True)  # doctest: +SKIP
@@ -74,8 +82,10 @@ class RunStart:
             InvalidArgumentError: an ``extra`` key that was not saved, or an object that cannot
                 load one; nothing is restored then.
         """
+        if self.shards is not None:  # every rank loads its own shards (bgsave.shards)
+            load_shards(self.shards, model, optimizer)
         if self.trainer_state is not None:
-            trainer_state.restore(self.trainer_state, optimizer, extra, rng=rng)
+            trainer_state.restore(self.trainer_state, optimizer, extra, rng=rng, model=model)
 
 
 def load_file(storage: Storage, path: str, *, map_location: Any = None) -> Any:
@@ -126,6 +136,13 @@ def load_agent(catalog: Catalog, epoch: int | None, run: str, map_location: Any 
         path = catalog.storage.display(catalog.path(epoch))
         message = f"run {run!r} has no committed checkpoint for epoch {epoch} ({path})"
         raise CheckpointNotFoundError(message, epoch=epoch, path=path)
+    if info is not None and info.sharded:
+        raise CheckpointReadError(
+            f"{info.path} is a sharded (DCP) checkpoint: resume it with start_run and RunStart.restore(model=), "
+            f"or make a state-dict .pt of it with `bgsave consolidate RUN_DIR --epoch {info.epoch}`",
+            epoch=info.epoch,
+            path=info.path,
+        )
     return None if info is None else load_file(catalog.storage, catalog.path(info.epoch), map_location=map_location)
 
 
@@ -186,12 +203,35 @@ def resume_point(
     return info, state
 
 
+def _run_start(catalog: Catalog, info: CheckpointInfo, state: dict[str, Any] | None, map_location: Any) -> RunStart:
+    shards = catalog.path(info.epoch, layout.DCP) if info.sharded else None
+    agent = None if shards else load_file(catalog.storage, catalog.path(info.epoch), map_location=map_location)
+    step = int(info.sidecar.get("agent_step") or 0)
+    return RunStart(agent, info.epoch, step, trainer_state=state, resumed=True, info=info, shards=shards)
+
+
 def resume(catalog: Catalog, run: str, map_location: Any = None) -> RunStart | None:
     """Load the checkpoint and trainer state :func:`resume_point` picks; None if nothing is committed."""
     point = resume_point(catalog, run, map_location)
-    if point is None:
-        return None
-    info, state = point
-    agent = load_file(catalog.storage, catalog.path(info.epoch), map_location=map_location)
-    agent_step = int(info.sidecar.get("agent_step") or 0)
-    return RunStart(agent=agent, epoch=info.epoch, agent_step=agent_step, trainer_state=state, resumed=True, info=info)
+    return None if point is None else _run_start(catalog, *point, map_location)
+
+
+def load_start(catalog: Catalog, epoch: int, run: str, map_location: Any, with_trainer: bool) -> RunStart:
+    """Epoch's agent (and trainer state, ``with_trainer``) as a resume of it: another rank picked ``epoch``.
+
+    Raises:
+        CheckpointNotFoundError: this run directory has no committed ``epoch``, or not its trainer state.
+    """
+    info = catalog.get(epoch)
+    shown = catalog.storage.display(catalog.path(epoch))
+    if info is None:
+        raise CheckpointNotFoundError(
+            f"run {run!r} has no committed checkpoint for epoch {epoch} ({shown})", epoch=epoch, path=shown
+        )
+    state: dict[str, Any] | None = None
+    if with_trainer:
+        state, why = _trainer_state_of(catalog, info, run, map_location)
+        state = state if state is not None else _legacy_trainer_state(catalog, epoch, map_location)
+        if state is None:
+            raise CheckpointNotFoundError(f"epoch {epoch} ({shown}) cannot resume here: {why}", epoch=epoch, path=shown)
+    return _run_start(catalog, info, state, map_location)

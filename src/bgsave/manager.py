@@ -1,31 +1,37 @@
 """CheckpointManager: the seed design's methods, their argument checks, and the manager's lifecycle.
 
 Every ``save_*`` checks its arguments and hands a job built by :mod:`bgsave.writer` to the worker
-(:mod:`bgsave.worker`); finding goes to :mod:`bgsave.catalog`, loading to :mod:`bgsave.loading`.
-The manager's own find/load calls first wait for its pending writes, so it always reads what it
-wrote. Its lifecycle (the writer lock, the exit hook, SIGTERM) is :mod:`bgsave.lifecycle`'s.
+(:mod:`bgsave.worker`), on rank 0 only under torch.distributed (:mod:`bgsave.distributed`). The
+find/load calls are :mod:`bgsave.finding`'s; the lock, exit hook and SIGTERM :mod:`bgsave.lifecycle`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from bgsave import distributed as bgsave_distributed
 from bgsave import layout, loading
 from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
-from bgsave.catalog import Catalog, CheckpointInfo
-from bgsave.errors import BgsaveError, InvalidArgumentError, ManagerClosedError, check_bool, check_int
-from bgsave.jobs import SaveRecord
+from bgsave.catalog import Catalog
+from bgsave.distributed import Ranks
+from bgsave.errors import BgsaveError, InvalidArgumentError, ManagerClosedError, check_bool, check_choice, check_int
+from bgsave.finding import Finding
 from bgsave.lifecycle import Lifecycle
 from bgsave.loading import RunStart
 from bgsave.lock import WriterLock
-from bgsave.policies import EveryNth, RetentionPolicy, check_mode
+from bgsave.policies import EveryNth, RetentionPolicy
 from bgsave.preemption import Preemption
+from bgsave.saving import Saving
+from bgsave.sharding import unwrap
+from bgsave.shards import SHARDING_MODES
 from bgsave.storage import RetryPolicy, open_storage
+from bgsave.storage.local import LocalStorage
 from bgsave.trainer_state import Stateful, TrainerState
 from bgsave.worker import Worker
 from bgsave.writer import Writer
@@ -37,7 +43,7 @@ logger = logging.getLogger(__name__)
 AgentT = TypeVar("AgentT")
 
 
-class CheckpointManager:
+class CheckpointManager(Finding):
     """Saves and finds a run's checkpoints, writing in the background.
 
     Args:
@@ -60,6 +66,15 @@ class CheckpointManager:
             attempts with backoff and jitter).
         crc32: Whether the ``.pt`` files carry torch's per-record CRC32s (off: ``torch.load`` never
             checks them; on for zip tools; :mod:`bgsave.serialize`).
+        distributed: "auto": under an initialized torch.distributed process group, every rank makes
+            the same calls and rank 0 writes (:mod:`bgsave.distributed`); "off": this process alone.
+        resume: How ``start_run`` reaches every rank: "broadcast" (rank 0 loads and sends) or
+            "each_rank" (every rank loads the epoch rank 0 picked from its own run directory).
+        sharding: How a sharded (FSDP) agent is saved: "full" (gathered to rank 0 into a whole agent
+            built by ``start_run``'s ``make_agent``: :mod:`bgsave.sharding`) or "dcp" (each rank's
+            shards with DCP, for agents too large to gather: :mod:`bgsave.shards`).
+        collective_timeout_s: How long bgsave's collectives (``start_run``, ``wait``, ``close``)
+            wait for the other ranks before raising DistributedError.
 
     Example:
         >>> with CheckpointManager("runs/exp1", "exp1") as mgr:  # doctest: +SKIP
@@ -85,16 +100,26 @@ class CheckpointManager:
         mode: str = "max",
         retry: RetryPolicy | None = None,
         crc32: bool = False,
+        distributed: str = "auto",
+        resume: str = "broadcast",
+        collective_timeout_s: float = 1800.0,
+        sharding: str = "full",
     ) -> None:
         self._run_name = sidecar_schema.validate_run_name(run_name)
         check_bool("background", background)
+        self._resume = check_choice("resume", resume, bgsave_distributed.RESUME_MODES)
+        timeout_s = bgsave_distributed.check_timeout(collective_timeout_s)
         check_bool("crc32", crc32)
         check_int("max_pending", max_pending, 0)
         retention = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode)
         upload = EveryNth(wandb_every_n)
         if wandb_run is not None:
             bgsave_wandb.validate_run(wandb_run)
+        check_choice("sharding", sharding, SHARDING_MODES)
         self._storage = storage = open_storage(run_dir, storage_options, retry=retry)
+        if sharding == "dcp" and not isinstance(storage, LocalStorage):
+            raise InvalidArgumentError(f"sharding='dcp' needs a local (or shared-filesystem) run_dir, got {run_dir!s}")
+        self._ranks = Ranks.join(distributed, timeout_s)  # collective: every rank, same order
         storage.check_directory()
         self._metric, self._mode = metric, mode
         self._catalog = Catalog(storage, storage.join(layout.CHECKPOINTS))
@@ -113,27 +138,16 @@ class CheckpointManager:
             in_flight=worker.in_flight,
         )
         self._life = Lifecycle(self, worker, self._writer.pool, lock, self._catalog)
-
-    # ---- properties ---------------------------------------------------------------------------
-    @property
-    def run_dir(self) -> str:
-        """The run directory (a local path, or the URL for remote run directories)."""
-        return self._storage.display(self._storage.root)
-
-    @property
-    def checkpoint_dir(self) -> str:
-        """``{run_dir}/checkpoints`` (a local path, or the URL for remote run directories)."""
-        return self._storage.display(self._catalog.directory)
-
-    @property
-    def run_name(self) -> str:
-        """The run's name."""
-        return self._run_name
-
-    @property
-    def records(self) -> tuple[SaveRecord, ...]:
-        """Timings of finished saves, oldest first (the last 1024): stall, queue wait, write time, bytes."""
-        return tuple(self._worker.records)
+        self._saving = Saving(
+            ranks=self._ranks,
+            writer=self._writer,
+            worker=worker,
+            life=self._life,
+            catalog=self._catalog,
+            run_name=self._run_name,
+            sharding=sharding,
+            timeout_s=timeout_s,
+        )
 
     # ---- saving -------------------------------------------------------------------------------
     def save_agent(self, agent: Any, epoch: int, metadata: Mapping[str, Any] | None = None) -> str:
@@ -151,9 +165,7 @@ class CheckpointManager:
         """
         self._check_open()
         epoch = sidecar_schema.validate_epoch(epoch)
-        job = self._writer.agent_job(agent, epoch, sidecar_schema.build(self._run_name, epoch, metadata))
-        self._submit(job)
-        return job.path
+        return self._saving.save(agent, epoch, self._saving.sidecar(epoch, metadata), None)
 
     def save_trainer_state(
         self,
@@ -181,7 +193,7 @@ class CheckpointManager:
             optimizer, epoch, agent_step, self._run_name, extra=extra, rng=rng, required=True
         )
         assert trainer is not None  # required=True: an optimizer or an error
-        self._submit(self._writer.trainer_state_job(trainer))
+        self._saving.save_trainer_state(trainer)
 
     def save_at_interval(
         self,
@@ -207,14 +219,12 @@ class CheckpointManager:
         self._check_open()
         check_int("interval", interval, 1)
         epoch = sidecar_schema.validate_epoch(epoch)
-        sidecar = sidecar_schema.build(self._run_name, epoch, metadata)  # checked even when not saving now
+        sidecar = self._saving.sidecar(epoch, metadata)  # checked even when not saving now
         step = sidecar["agent_step"] or 0
         trainer = TrainerState.checked(optimizer, epoch, step, self._run_name, extra=extra, rng=rng, required=False)
-        if epoch % interval and not self._life.preemption_requested:
+        if epoch % interval and not self._saving.preemption_requested(agent):
             return None
-        job = self._writer.agent_job(agent, epoch, sidecar, trainer)
-        self._submit(job)
-        return job.path
+        return self._saving.save(agent, epoch, sidecar, trainer)
 
     def update_metadata(self, epoch: int, /, **metrics: Any) -> None:
         """Add or change sidecar values of a saved checkpoint, for eval scores that arrive after the save.
@@ -233,16 +243,7 @@ class CheckpointManager:
         epoch = sidecar_schema.validate_epoch(epoch)
         if not metrics:
             raise InvalidArgumentError("update_metadata needs at least one key=value to set")
-        self._submit(self._writer.metadata_job(epoch, sidecar_schema.normalize(self._run_name, epoch, metrics)))
-
-    def _submit(self, job: Any) -> None:
-        requested = self._life.preemption_requested  # read before the snapshot: the save is the boundary's
-        self._life.run_final_save()
-        self._worker.raise_errors()
-        self._life.claim()
-        self._worker.submit(job)
-        if job.needs_slot:  # a save, not a sidecar edit
-            self._life.saved(requested)
+        self._saving.submit(self._writer.metadata_job(epoch, sidecar_schema.normalize(self._run_name, epoch, metrics)))
 
     def handle_sigterm(self, *, grace_s: float = 30.0, final_save: Callable[[], object] | None = None) -> None:
         """Opt in: a SIGTERM makes the next save a boundary's; then :attr:`preempted`; close hands the signal on.
@@ -265,37 +266,55 @@ class CheckpointManager:
         """True once a save was made after a SIGTERM (see :meth:`handle_sigterm`): leave the loop and close."""
         return self._life.preempted
 
+    def _read(self) -> Catalog:
+        self._check_open()
+        self._worker.flush()
+        return self._catalog
+
     # ---- waiting and closing --------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> None:
-        """Block until every queued write is durable.
+        """Block until every queued write is durable (under torch.distributed: collective).
 
         ``timeout``: seconds at most (None: as long as the writes take).
 
         Raises:
-            CheckpointWriteError: for a write that failed (the oldest not yet raised).
+            CheckpointWriteError: for a write that failed (the oldest not yet raised), on every rank.
             WorkerTimeoutError: the writes did not finish in time (they keep going).
             WorkerError: the background worker died.
+            DistributedError: another rank did not join within ``collective_timeout_s``.
         """
         self._check_open()
-        self._worker.flush(timeout)
-        self._worker.raise_errors()
+
+        def flush() -> None:
+            self._worker.flush(timeout)
+            self._worker.raise_errors()
+
+        self._saving.shards.wait()  # every rank's DCP save in flight, if any
+        self._ranks.everywhere("wait()", flush)
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait for queued writes, then stop the worker. Idempotent.
+        """Wait for queued writes, then stop the worker (under torch.distributed: collective). Idempotent.
 
         Args:
             timeout: Seconds to wait for queued writes at most; on expiry the worker is abandoned
                 and WorkerTimeoutError raised.
 
         Raises:
-            CheckpointWriteError: for a write that failed and was not raised yet.
+            CheckpointWriteError: for a write that failed and was not raised yet, on every rank.
             WorkerTimeoutError: the writes did not finish in time.
+            DistributedError: another rank did not join within ``collective_timeout_s``.
         """
+        self._close(timeout, together=True)
+
+    def _close(self, timeout: float | None, *, together: bool) -> None:
         if self._closed:
             return
         self._life.run_final_save()
         self._closed = True
-        self._life.close(timeout)
+        try:
+            self._saving.shards.close()
+        finally:
+            self._life.end(timeout, self._ranks, together=together)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -306,9 +325,9 @@ class CheckpointManager:
         if exc is None:
             self.close()
             return
-        try:  # the block is already raising: a checkpoint failure must not replace that exception
-            self.close()
-        except BgsaveError as close_error:
+        try:  # no collective: the other ranks may be gone (bgsave.distributed)
+            self._close(None, together=False)
+        except BgsaveError as close_error:  # must not replace the exception the block raises
             logger.error("%s: while handling %r, closing failed: %s", self._run_name, exc, close_error)
             if hasattr(exc, "add_note"):  # Python 3.11+
                 exc.add_note(f"bgsave: closing the checkpoint manager also failed: {close_error!r}")
@@ -317,56 +336,6 @@ class CheckpointManager:
         if self._closed:
             raise ManagerClosedError(f"CheckpointManager for run {self._run_name!r} is closed")
 
-    # ---- finding and loading --------------------------------------------------------------
-    def _read(self) -> Catalog:
-        """The catalog, once this manager's own pending writes are done (read-your-writes)."""
-        self._check_open()
-        self._worker.flush()
-        return self._catalog
-
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints of this run, in epoch order (after pending writes finish)."""
-        return self._read().committed()
-
-    def find_latest_checkpoint(self) -> str | None:
-        """Path of the newest committed checkpoint, or None."""
-        latest = self._read().latest()
-        return latest.path if latest else None
-
-    def find_best_checkpoint(self, metric: str = "score", mode: str | None = None) -> str | None:
-        """Path of the checkpoint with the best finite ``metric``, or None (ties: the later epoch).
-
-        ``mode``: "max" (higher is better) or "min"; None: the manager's ``mode`` for its own
-        ``metric``, "max" for any other.
-        """
-        if mode is None:
-            mode = self._mode if metric == self._metric else "max"
-        found = self._read().best(metric, check_mode(mode))
-        return found.path if found else None
-
-    def find_checkpoints_by_score(self, min_score: float, metric: str = "score") -> list[str]:
-        """Paths of checkpoints whose finite ``metric`` is >= ``min_score``, in epoch order."""
-        if isinstance(min_score, bool) or not isinstance(min_score, (int, float)):
-            raise InvalidArgumentError(f"min_score must be a number, got {min_score!r}")
-        return [info.path for info in self._read().by_min_score(float(min_score), metric)]
-
-    def load_agent(self, epoch: int | None = None, *, map_location: Any = None) -> Any:
-        """Load an agent: the latest committed one (None if there is none) when ``epoch`` is None.
-
-        Unpickles (runs code): only point a manager at run directories you trust.
-
-        Raises:
-            CheckpointNotFoundError: ``epoch`` was given and has no committed checkpoint.
-            CheckpointReadError: the ``.pt`` is truncated or corrupt.
-        """
-        epoch = None if epoch is None else sidecar_schema.validate_epoch(epoch)
-        return loading.load_agent(self._read(), epoch, self._run_name, map_location)
-
-    def load_trainer_state(self, *, map_location: Any = None) -> dict[str, Any] | None:
-        """The trainer state ``start_run`` would resume with (that epoch's own), or None if it has none."""
-        point = loading.resume_point(self._read(), self._run_name, map_location)
-        return None if point is None else point[1]
-
     def start_run(self, make_agent: Callable[[], AgentT], *, map_location: Any = None, rng: bool = False) -> RunStart:
         """Resume the run where it stopped, or start it with a new agent saved as epoch 0.
 
@@ -374,6 +343,8 @@ class CheckpointManager:
         the newest epoch committed with its trainer state (the newest, in a run that saves none);
         what it passes over is logged at INFO. ``rng=True``: a new run's epoch 0 records the RNG
         states right after ``make_agent()``, so a resume from epoch 0 continues the same streams.
+        Under torch.distributed it is collective: rank 0 decides, and every rank gets the same
+        agent and trainer state (``resume=``; a new run's agent is rank 0's ``make_agent()``).
 
         Example:
             >>> start = mgr.start_run(Policy, rng=True)  # doctest: +SKIP
@@ -386,11 +357,36 @@ class CheckpointManager:
             )
         check_bool("rng", rng)
         self._check_open()
+        life, run = self._life, self._run_name
+        self._saving.gather.use_factory(make_agent)  # a sharded agent's saves are poured into a new one
+
+        def decide() -> tuple[int, bool] | None:  # resume="each_rank": rank 0 picks, every rank loads
+            life.claim()
+            catalog = self._read()
+            self._worker.raise_errors()
+            point = loading.resume_point(catalog, run, map_location)
+            return None if point is None else (point[0].epoch, point[1] is not None)
+
+        start = self._ranks.start(
+            self._resume,
+            start=lambda: self._start(make_agent, map_location, rng),
+            decide=decide,
+            load=lambda epoch, trainer: loading.load_start(self._read(), epoch, run, map_location, trainer),
+            map_location=map_location,
+        )
+        if start.shards is not None:  # DCP shards load into the sharded agent: RunStart.restore(model=)
+            start = dataclasses.replace(start, agent=make_agent())
+        return start
+
+    def _start(self, make_agent: Callable[[], Any], map_location: Any, rng: bool) -> RunStart:
+        """Rank 0's (or the one process's) start: the lock, then a resume or a new epoch 0."""
         self._life.claim()
-        started = loading.resume(self._read(), self._run_name, map_location)
+        catalog = self._read()
+        self._worker.raise_errors()  # a failed earlier save: raised on every rank (Ranks.share)
+        started = loading.resume(catalog, self._run_name, map_location)
         if started is not None:
             return started
         agent = make_agent()
         trainer = TrainerState(None, 0, 0, self._run_name, rng=True) if rng else None
-        self._submit(self._writer.agent_job(agent, 0, sidecar_schema.build(self._run_name, 0, None), trainer))
+        self._saving.submit(self._writer.agent_job(unwrap(agent), 0, self._saving.sidecar(0, None), trainer))
         return RunStart(agent=agent, epoch=0, agent_step=0, trainer_state=None, resumed=False)

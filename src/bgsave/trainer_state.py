@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from bgsave import sharding
 from bgsave import sidecar as sidecar_schema
 from bgsave.errors import InvalidArgumentError, check_bool
 
@@ -171,9 +172,16 @@ def restore_rng(saved: Mapping[str, Any]) -> None:
 
 
 def restore(
-    state: Mapping[str, Any], optimizer: Any = None, extra: Mapping[str, Any] | None = None, *, rng: bool = True
+    state: Mapping[str, Any],
+    optimizer: Any = None,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    rng: bool = True,
+    model: Any = None,
 ) -> None:
     """Load ``state`` into the trainer's live objects: the optimizer, each ``extra`` object, the RNG.
+
+    ``model``: the sharded model, when ``optimizer`` holds FSDP shards (:mod:`bgsave.sharding`).
 
     Raises:
         InvalidArgumentError: an ``extra`` key that was not saved, or an object without
@@ -194,8 +202,10 @@ def restore(
             raise InvalidArgumentError(
                 f"extra[{key!r}] has no load_state_dict(); read the saved value from RunStart.extra[{key!r}]"
             )
-    if optimizer is not None and state.get("optimizer_state") is not None:  # a new run's epoch 0 has none
-        optimizer.load_state_dict(state["optimizer_state"])
+    saved = state.get("optimizer_state")
+    # (A new run's epoch 0 has no optimizer state; FSDP shards are loaded through their model.)
+    if optimizer is not None and saved is not None and not sharding.load_optimizer(optimizer, saved, model):
+        optimizer.load_state_dict(saved)
     for key, target in targets.items():
         target.load_state_dict(saved_extra[key])
     if rng and state.get("rng"):

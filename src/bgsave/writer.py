@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 from bgsave import layout, trainer_state
@@ -137,6 +138,49 @@ class Writer:
             release=self._release,
         )
 
+    def shards_job(
+        self, epoch: int, sidecar: Mapping[str, Any], saved: Future[Any], trainer: TrainerState | None
+    ) -> Job[Payload | None]:
+        """Rank 0, ``sharding="dcp"``: once every rank's shards are in (``saved``), the trainer state, then the sidecar.
+
+        The caller uncommitted any earlier save of this epoch before the shards were started
+        (:meth:`uncommit`); :mod:`bgsave.shards` tells the whole path.
+        """
+        data = sidecar_schema.dumps(sidecar)
+        shown = self._storage.display(self._catalog.path(epoch, layout.DCP))
+        trainer_path = self._catalog.path_of(layout.trainer_name(epoch))
+
+        def prepare() -> Payload | None:
+            self._agent_epoch, self._trainer_epoch = epoch, None
+            return None if trainer is None else (self._trainer_snapshot(trainer, shown), None)
+
+        def execute(payload: Payload | None) -> int:
+            saved.result()  # every rank's shards and .metadata are written (DCP's last all_reduce)
+            size = 0
+            if payload is not None:
+                size += self._write_torch(trainer_path, payload[0])
+            size += self._storage.write_bytes_atomic(self._catalog.path(epoch, layout.YAML), data)
+            self._catalog.wrote(epoch, sidecar, len(data))
+            logger.info("%s: committed epoch %d, sharded (DCP) agent (%s)", self._run_name, epoch, shown)
+            return size
+
+        return Job(
+            kind="agent",
+            epoch=epoch,
+            path=shown,
+            prepare=prepare,
+            execute=execute,
+            release=lambda payload: None if payload is None else self._release(payload),
+            after=lambda: self._after_commit(epoch, shown, sidecar, upload=False),
+        )
+
+    def uncommit(self, epoch: int) -> None:
+        """Rank 0, before a DCP save of ``epoch`` overwrites shards in place: remove its old commit."""
+        self._catalog.forget(epoch)
+        for name in (layout.checkpoint_name(epoch, layout.YAML), layout.checkpoint_name(epoch, layout.PT)):
+            self._storage.delete(self._catalog.path_of(name))
+        self._storage.delete(self._catalog.path_of(layout.trainer_name(epoch)))
+
     def metadata_job(self, epoch: int, values: Mapping[str, Any]) -> Job[None]:
         """Epoch's sidecar rewritten with ``values`` merged in (after any pending save of that epoch)."""
         shown = self.display(epoch, layout.YAML)
@@ -247,11 +291,11 @@ class Writer:
                 self._storage.display(self._catalog.directory),
             )
 
-    def _after_commit(self, epoch: int, shown: str, sidecar: Mapping[str, Any]) -> None:
-        """In the worker's second lane once epoch committed: the W&B upload, then retention."""
+    def _after_commit(self, epoch: int, shown: str, sidecar: Mapping[str, Any], *, upload: bool = True) -> None:
+        """In the worker's second lane once epoch committed: the W&B upload (of a ``.pt``), then retention."""
         index, self._committed = self._committed, self._committed + 1
         prunes = not self._retention.keeps_everything
-        if self._wandb_run is not None and self._upload.due(index):
+        if upload and self._wandb_run is not None and self._upload.due(index):
             # W&B reads a local file in place, later. With retention on, the file may go before that:
             # online, wait for the upload to finish; offline (read at `wandb sync`), let W&B copy it.
             offline = bool(getattr(self._wandb_run, "offline", False))

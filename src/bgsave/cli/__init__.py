@@ -77,6 +77,7 @@ examples:
   bgsave best runs/exp1 --metric loss --mode min   lower is better
   bgsave show runs/exp1/checkpoints/model_0042.pt
   bgsave prune runs/exp1 --keep-last 3 --keep-best 2 --dry-run
+  bgsave consolidate runs/exp1 --epoch 10   a sharded (DCP) checkpoint as one state-dict .pt
   bgsave ls s3://bucket/run --storage-option endpoint_url=http://127.0.0.1:9000
   bgsave bench /mnt/nfs/runs --sizes 10,100 save latency there (sync vs bgsave), in a scratch run
 
@@ -278,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-best", metavar="K", type=_count(0), default=0, help="also keep the K best (default 0)")
     pr.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     pr.set_defaults(run=commands.prune)
+
+    co = sub.add_parser(
+        "consolidate",
+        parents=[common],
+        help="turn a sharded (DCP) checkpoint into one plain state-dict .pt",
+        description="Write the state dict of epoch N's model_N.dcp directory (sharding='dcp') as one torch.save "
+        "file that loads without a process group (torch.distributed.checkpoint's dcp_to_torch_save).",
+    )
+    co.add_argument("run_dir", metavar="RUN_DIR", help="run directory (local)")
+    co.add_argument("--epoch", metavar="N", type=_count(0), required=True, help="the epoch to consolidate")
+    co.add_argument("--out", metavar="PATH", help="where to write (default: checkpoints/model_N.state_dict.pt)")
+    co.set_defaults(run=commands.consolidate)
 
     bn = sub.add_parser(
         "bench",

@@ -1,11 +1,11 @@
-"""The commands: ``ls``, ``latest``, ``best``, ``show`` and ``prune`` read a run directory through the catalog.
+"""The commands: ``ls``, ``latest``, ``best``, ``show``, ``prune``, ``consolidate`` read a run directory's catalog.
 
 Which files make a committed checkpoint is :mod:`bgsave.catalog`'s to say (``Catalog.entries`` and
 ``Catalog.entry`` give every epoch with the reason it is not committed); which ones to delete is
 :class:`~bgsave.policies.RetentionPolicy`'s. Here is only which directory a RUN_DIR means, and what
 to print. Nothing is unpickled and torch is never imported, so listing an untrusted run directory
 runs no code from it and ``bgsave ls`` starts in a fraction of ``import torch``'s time; only
-``bench`` imports torch, when it runs.
+``bench`` and ``consolidate`` import torch, when they run.
 
 A command returns when it succeeded and raises otherwise; :func:`bgsave.cli.main` turns what it
 raises into an exit code: :class:`~bgsave.errors.CheckpointNotFoundError` (nothing matched),
@@ -16,8 +16,10 @@ raises into an exit code: :class:`~bgsave.errors.CheckpointNotFoundError` (nothi
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,7 @@ from bgsave.errors import CheckpointNotFoundError, CheckpointReadError, InvalidA
 from bgsave.policies import RetentionPolicy
 from bgsave.storage import FileFacts, Storage, open_storage
 
-__all__ = ("bench", "best", "latest", "ls", "prune", "show")
+__all__ = ("bench", "best", "consolidate", "latest", "ls", "prune", "show")
 
 _LS_HEADERS = ["epoch", "agent_step", "score", "avg_reward", "total_time", "size", "age", "committed"]
 
@@ -46,8 +48,8 @@ class _Run:
     def shown(self) -> str:
         return self.storage.display(self.catalog.directory)
 
-    def facts(self, epoch: int, suffix: str = layout.PT) -> FileFacts | None:
-        return self.files.get(layout.checkpoint_name(epoch, suffix))
+    def facts(self, epoch: int) -> FileFacts | None:
+        return self.files.get(layout.data_name(epoch, self.files))
 
 
 def _open(url: str, args: argparse.Namespace) -> Storage:
@@ -100,7 +102,7 @@ def ls(args: argparse.Namespace) -> None:
         info = entry.info
         # No sidecar is a save in progress (or a killed one): ordinary. A sidecar that did not
         # commit the epoch is worth a note saying why.
-        odd = info is None and run.facts(entry.epoch, layout.YAML) is not None
+        odd = info is None and layout.checkpoint_name(entry.epoch, layout.YAML) in run.files
         if odd:
             first, _, more = entry.problem.partition("\n")  # a YAML error's detail is on stderr already
             notes.append(f"* epoch {entry.epoch}: {first}{' ...' if more else ''}")
@@ -248,6 +250,32 @@ def prune(args: argparse.Namespace) -> None:
     uncommitted = len(entries) - len(committed)
     if uncommitted:
         print(f"left {uncommitted} uncommitted .pt file(s) alone (a save in progress or a crash's leftover)")
+
+
+# ---- consolidate ----------------------------------------------------------------------------------
+def consolidate(args: argparse.Namespace) -> None:
+    """A sharded (DCP) checkpoint as one plain state-dict ``.pt``, written atomically; imports torch."""
+    run = _open_run(args)
+    info = run.catalog.get(args.epoch)
+    if info is None:
+        raise CheckpointNotFoundError(f"{run.shown} has no committed checkpoint for epoch {args.epoch}")
+    if not info.sharded:
+        raise InvalidArgumentError(f"epoch {args.epoch} is a whole-agent .pt already ({info.path}): load it as it is")
+    out = args.out or run.storage.join_dir(run.catalog.directory, f"model_{args.epoch:04d}.state_dict.pt")
+    out = os.path.abspath(out)
+    temp = os.path.join(os.path.dirname(out), layout.temp_name(os.path.basename(out)))
+    from bgsave.shards import consolidate as dcp_to_torch_save  # torch, only here
+
+    try:
+        dcp_to_torch_save(run.catalog.path(args.epoch, layout.DCP), temp)
+        os.replace(temp, out)
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(temp)
+    if args.json:
+        output.print_json({"epoch": args.epoch, "dcp": info.path, "path": out})
+    else:
+        print(output.clean(out))
 
 
 # ---- bench --------------------------------------------------------------------------------------

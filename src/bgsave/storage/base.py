@@ -209,7 +209,7 @@ class Storage:
 
     # ---- reading ----------------------------------------------------------------------------
     def list_files(self, directory: str) -> Mapping[str, FileFacts]:
-        """Files directly in ``directory`` (no subdirectories), in one listing call; {} if it is missing.
+        """Files directly in ``directory`` (and ``*.dcp`` directories), in one listing call; {} if it is missing.
 
         A file gone since the listing may be missing from the mapping when its facts are looked up:
         use ``.get(name)``.
@@ -225,7 +225,7 @@ class Storage:
         return {
             e["name"].rstrip("/").rsplit("/", 1)[-1]: facts_of(e)
             for e in self.retrying("listing", directory, listing)
-            if e.get("type") == "file"
+            if e.get("type") == "file" or e["name"].rstrip("/").endswith(".dcp")  # a DCP directory: one entry
         }
 
     def list_names(self, directory: str) -> set[str]:

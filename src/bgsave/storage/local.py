@@ -93,6 +93,11 @@ def _facts(st: os.stat_result) -> FileFacts:
     return FileFacts(st.st_size, st.st_mtime, st.st_ino << 64 | st.st_mtime_ns)
 
 
+def _is_shards(entry: os.DirEntry[str]) -> bool:
+    # A DCP checkpoint is a directory (model_N.dcp/): listed as one entry, like a file.
+    return entry.name.endswith(".dcp") and entry.is_dir()
+
+
 class _Listing(Mapping[str, FileFacts]):
     """The files of one ``scandir``: names at once, a file's facts (one ``stat``) when looked up.
 
@@ -117,7 +122,11 @@ class _Listing(Mapping[str, FileFacts]):
         if entry is None:
             return default
         try:
-            return _facts(os.stat(entry.path))
+            facts = _facts(os.stat(entry.path))
+            if entry.is_dir():  # a DCP directory: its size is its files'
+                with os.scandir(entry.path) as it:
+                    facts = facts._replace(size=sum(f.stat().st_size for f in it if f.is_file()))
+            return facts
         except FileNotFoundError:
             return default
 
@@ -232,7 +241,7 @@ class LocalStorage(Storage):
         """One ``os.scandir``; each file is stat-ed only when its facts are asked for (see :class:`_Listing`)."""
         try:
             with os.scandir(directory) as it:
-                return _Listing({entry.name: entry for entry in it if entry.is_file()})
+                return _Listing({entry.name: entry for entry in it if entry.is_file() or _is_shards(entry)})
         except (FileNotFoundError, NotADirectoryError):
             return {}
 
@@ -240,7 +249,7 @@ class LocalStorage(Storage):
         """Names only: no stat per file (the directory entry's type says what is a file)."""
         try:
             with os.scandir(directory) as it:
-                return {entry.name for entry in it if entry.is_file()}
+                return {entry.name for entry in it if entry.is_file() or _is_shards(entry)}
         except (FileNotFoundError, NotADirectoryError):
             return set()
 
