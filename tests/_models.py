@@ -23,6 +23,7 @@ from torch import nn
 
 __all__ = (
     "Agent",
+    "Blocks",
     "Gate",
     "GatedAgent",
     "UnpicklableAgent",
@@ -65,6 +66,36 @@ class Agent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.decoder(torch.relu(self.encoder(x)))
+        return y
+
+
+class Blocks(nn.Module):
+    """A stack of linear blocks for FSDP2 (``fully_shard`` each of ``blocks``, then the root).
+
+    A registered buffer and Python attributes (a string, a dict) beside the parameters. Its values
+    are deterministic for a given ``seed``; building one also draws from torch's global RNG
+    (``nn.Linear``'s init), as a real ``make_agent`` does.
+    """
+
+    running: torch.Tensor  # a registered buffer
+
+    def __init__(self, width: int = 16, depth: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, width)
+        self.register_buffer("running", torch.zeros(width))
+        self.name = "blocks"
+        self.config: dict[str, Any] = {"width": width, "depth": depth}
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            self.running.copy_(torch.randn(width, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        y: torch.Tensor = self.head(x)
         return y
 
 

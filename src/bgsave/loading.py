@@ -96,6 +96,12 @@ def load_file(storage: Storage, path: str, *, map_location: Any = None) -> Any:
         CheckpointReadError: it cannot be read, or is truncated, corrupt or not a ``torch.save`` file.
     """
     shown = storage.display(path)
+    if path.rstrip("/").endswith("." + layout.DCP):
+        raise CheckpointReadError(
+            f"{shown} is a sharded (DCP) checkpoint, not a torch.save file: resume it with start_run and "
+            "RunStart.restore(model=), or make a state-dict .pt of it with `bgsave consolidate RUN_DIR --epoch N`",
+            path=shown,
+        )
     try:
         # read_with retries transient storage faults, re-reading from the start.
         return storage.read_with(path, lambda f: torch.load(f, map_location=map_location, weights_only=False))

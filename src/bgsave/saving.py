@@ -23,8 +23,9 @@ from bgsave import layout
 from bgsave import sidecar as sidecar_schema
 from bgsave.catalog import Catalog
 from bgsave.distributed import Ranks
+from bgsave.errors import InvalidArgumentError
 from bgsave.lifecycle import Lifecycle
-from bgsave.sharding import Gather, is_sharded, unwrap
+from bgsave.sharding import Gather, is_sharded, optimizer_sharded, unwrap
 from bgsave.shards import ShardedSaves
 from bgsave.trainer_state import TrainerState
 from bgsave.worker import Worker
@@ -78,6 +79,11 @@ class Saving:
 
     def save_trainer_state(self, trainer: TrainerState) -> None:
         """Every rank: a trainer state alone (an optimizer of FSDP shards gathered first)."""
+        if self._sharding == "dcp" and optimizer_sharded(trainer.optimizer):
+            raise InvalidArgumentError(
+                f"epoch {trainer.epoch}: with sharding='dcp' an optimizer of FSDP shards is saved in its "
+                "model's DCP directory: pass it to save_at_interval(model, epoch, interval=..., optimizer=...)"
+            )
         gathered = self.gather.trainer(trainer, None)
         assert gathered is not None
         self.submit(self._writer.trainer_state_job(gathered))

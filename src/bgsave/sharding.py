@@ -36,7 +36,15 @@ from bgsave.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from bgsave.trainer_state import TrainerState
 
-__all__ = ("FullOptimizerState", "Gather", "is_sharded", "load_optimizer", "sharded_params", "unwrap")
+__all__ = (
+    "FullOptimizerState",
+    "Gather",
+    "is_sharded",
+    "load_optimizer",
+    "optimizer_sharded",
+    "sharded_params",
+    "unwrap",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +89,30 @@ def is_sharded(agent: object) -> bool:
     return isinstance(agent, FullyShardedDataParallel) or sharded_params(agent.parameters())
 
 
-def _optimizer_sharded(optimizer: Any) -> bool:
+def optimizer_sharded(optimizer: Any) -> bool:
+    """Whether ``optimizer`` holds FSDP shards (DTensor parameters)."""
     groups = getattr(optimizer, "param_groups", None) or []
     return sharded_params(p for group in groups for p in group.get("params", ()))
+
+
+_MODULE_KEYS = frozenset(vars(torch.nn.Module()))  # what nn.Module keeps in every instance's __dict__
+
+
+def _copy_attributes(live: torch.nn.Module, template: torch.nn.Module) -> None:
+    """The live agent's plain attributes (an epsilon, a config) onto the template, module by module.
+
+    The template's own attributes are make_agent's; what the run changed since is the live
+    agent's. nn.Module's bookkeeping (parameters, buffers, hooks) stays the template's.
+    """
+    modules = dict(live.named_modules())
+    for name, target in template.named_modules():
+        source = modules.get(name)
+        if source is None:
+            continue
+        mine = vars(target)
+        for key, value in vars(source).items():
+            if key not in _MODULE_KEYS and (key in mine or not key.startswith("_")):
+                mine[key] = value
 
 
 class FullOptimizerState:
@@ -131,6 +160,7 @@ class Gather:
             assert self._make_agent is not None
             self._template = self._new_template()
         self._template.load_state_dict(state, assign=True)
+        _copy_attributes(model, self._template)
         return self._template
 
     def _new_template(self) -> Any:
@@ -166,7 +196,7 @@ class Gather:
 
     def trainer(self, trainer: TrainerState | None, model: Any) -> TrainerState | None:
         """``trainer`` with its optimizer's full state gathered, if the optimizer holds FSDP shards."""
-        if trainer is None or trainer.optimizer is None or not _optimizer_sharded(trainer.optimizer):
+        if trainer is None or trainer.optimizer is None or not optimizer_sharded(trainer.optimizer):
             return trainer
         return dataclasses.replace(trainer, optimizer=self.optimizer(trainer.optimizer, model, trainer.epoch))
 
@@ -177,7 +207,7 @@ def load_optimizer(optimizer: Any, state: dict[str, Any], model: Any) -> bool:
     Raises:
         InvalidArgumentError: the optimizer is sharded but ``model`` was not given.
     """
-    if not _optimizer_sharded(optimizer):
+    if not optimizer_sharded(optimizer):
         return False
     if model is None:
         raise InvalidArgumentError(

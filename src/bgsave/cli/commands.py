@@ -166,42 +166,45 @@ def _print_found(run: _Run, info: CheckpointInfo, args: argparse.Namespace) -> N
 
 # ---- show ---------------------------------------------------------------------------------------
 def show(args: argparse.Namespace) -> None:
-    """The sidecar and file facts of one checkpoint, given as its ``.pt`` or its ``.yaml``."""
+    """The sidecar and file facts of one checkpoint, given as its ``.pt`` (or ``.dcp``) or its ``.yaml``."""
     storage = _open(args.path, args)
-    pt = storage.root[: -len(".yaml")] + ".pt" if storage.root.endswith(".yaml") else storage.root
-    if not pt.endswith(".pt"):
-        raise InvalidArgumentError(f"{args.path} is not a checkpoint: expected a model_N.pt or model_N.yaml")
-    directory, _, name = pt.rpartition("/")
+    stem, _, suffix = storage.root.rstrip("/").rpartition(".")
+    if not stem or suffix not in (layout.PT, layout.YAML, layout.DCP):
+        raise InvalidArgumentError(
+            f"{args.path} is not a checkpoint: expected a model_N.pt, model_N.dcp or model_N.yaml"
+        )
+    directory, _, base = stem.rpartition("/")
     directory = directory or "/"
-    yml = Storage.join_dir(directory, name[: -len(".pt")] + ".yaml")
+    pt = Storage.join_dir(directory, f"{base}.{layout.DCP if suffix == layout.DCP else layout.PT}")
+    yml = Storage.join_dir(directory, f"{base}.{layout.YAML}")
     sidecar = _read_sidecar(storage, yml)  # first: an unreadable one is an error here, not a skipped epoch
-    parsed = layout.parse(name)
+    parsed = layout.parse(f"{base}.{layout.PT}")
+    shown = storage.display(pt)
     if parsed is not None:
         entry = Catalog(storage, directory).entry(parsed.epoch)
-        facts, info, problem = entry.pt, entry.info, entry.problem
+        facts, info, problem, shown = entry.pt, entry.info, entry.problem, entry.path
     else:  # trainer_state.pt, model_00005.pt: no checkpoint's name, so never committed
         facts, info = storage.facts(pt), None
         problem = "no sidecar" if sidecar is None else "not a model_N.pt name"
     if facts is None and sidecar is None:
-        raise InvalidArgumentError(f"{storage.display(pt)} does not exist (nor its sidecar)")
+        raise InvalidArgumentError(f"{shown} does not exist (nor its sidecar)")
     size, mtime = (facts.size, facts.mtime) if facts else (0, None)
     if args.json:
         fallback = {"epoch": parsed.epoch} if parsed else {}
         trainer = info is not None and info.has_trainer_state
-        shown = storage.display(pt)
         output.print_json(
             output.record(sidecar or fallback, shown, size, info is not None, mtime, trainer_state=trainer)
         )
         return
     lines = [
-        ["path", storage.display(pt)],
+        ["path", shown],
         ["committed", "yes" if info else f"no ({problem})"],
         ["size", output.fmt_size(size) if facts else "-"],
         ["age", output.fmt_age(mtime, time.time())],
         ["sidecar", storage.display(yml) if sidecar is not None else "-"],
     ]
     lines += [[str(key), output.fmt(value)] for key, value in (sidecar or {}).items()]
-    output.print_table(storage.display(pt), ["key", "value"], lines, [], right=())
+    output.print_table(shown, ["key", "value"], lines, [], right=())
 
 
 def _read_sidecar(storage: Storage, path: str) -> dict[str, Any] | None:
