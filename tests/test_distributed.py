@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 import traceback
 import uuid
@@ -335,6 +336,23 @@ def _raising_with_block(ctx: Rank, setup: Setup) -> dict[str, Any]:
     return {"left_s": left_s, "path": path}
 
 
+def _preempted_everywhere(ctx: Rank, setup: Setup) -> dict[str, Any]:
+    handed_on: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: handed_on.append(signum))
+    try:
+        mgr = CheckpointManager(setup.base / "preempted", "preempted", collective_timeout_s=TIMEOUT_S)
+        start = mgr.start_run(Agent)
+        mgr.handle_sigterm(grace_s=60)
+        before = mgr.preempted
+        signal.raise_signal(signal.SIGTERM)  # each rank's own signal, as torchrun's agent sends one to every rank
+        path = mgr.save_at_interval(start.agent, 3, interval=10)  # not an interval epoch: saved for the signal
+        preempted = mgr.preempted
+        mgr.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return {"before": before, "path": path, "preempted": preempted, "handed_on": handed_on}
+
+
 def _rank_not_joining(ctx: Rank, setup: Setup) -> dict[str, Any]:
     mgr = CheckpointManager(setup.base / "absent", "absent", collective_timeout_s=SHORT_TIMEOUT_S)
     start = mgr.start_run(Agent)
@@ -432,6 +450,7 @@ CHECKS: dict[str, Check] = {
         _write_failure_everywhere,
         _unpicklable_agent,
         _raising_with_block,
+        _preempted_everywhere,
         _rank_not_joining,
         _ddp_training,
         _s3_run_dir,
@@ -799,3 +818,13 @@ def test_four_ranks(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     _assert_same_start_everywhere(run)
     _assert_node_local_dirs(run)
     _assert_raising_with_block(run)
+
+
+def test_a_sigterm_on_every_rank_makes_the_next_save_a_boundary_everywhere(two: Run) -> None:
+    """After each rank's SIGTERM, save_at_interval saves whatever the interval; mgr.preempted is true everywhere."""
+    got = two.of(_preempted_everywhere)
+    path = _same([g["path"] for g in got])
+    assert path == str(two.setup.base / "preempted" / "checkpoints" / "model_0003.pt")
+    assert [(g["before"], g["preempted"]) for g in got] == [(False, True)] * two.world
+    assert [g["handed_on"] for g in got] == [[signal.SIGTERM]] * two.world  # close handed the signal on
+    assert _load(path).__class__ is Agent

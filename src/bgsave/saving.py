@@ -112,9 +112,11 @@ class Saving:
 
     def submit(self, job: Any) -> None:
         """Rank 0: the job into the worker, after earlier failures are raised and the lock is ours."""
-        if not self._ranks.is_writer:
-            return  # checked like rank 0's; rank 0 writes it
         requested = self._life.preemption_requested  # read before the snapshot: the save is the boundary's
+        if not self._ranks.is_writer:  # checked like rank 0's; rank 0 writes it
+            if job.needs_slot:
+                self._life.saved(requested)  # this rank's SIGTERM reached its loop's boundary too
+            return
         self._life.run_final_save()
         self._worker.raise_errors()
         self._life.claim()
