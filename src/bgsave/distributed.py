@@ -147,7 +147,13 @@ class Ranks:
 
     def any(self, what: str, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (so that every rank takes the same branch)."""
-        return any(self.gather(what, flag)) if self.distributed else flag
+        if not self.distributed:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        self._collective(what, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._group))
+        return bool(value.item())
 
     def gather(self, what: str, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order, on every rank."""

@@ -222,9 +222,10 @@ class CheckpointManager(Finding):
         sidecar = self._saving.sidecar(epoch, metadata)  # checked even when not saving now
         step = sidecar["agent_step"] or 0
         trainer = TrainerState.checked(optimizer, epoch, step, self._run_name, extra=extra, rng=rng, required=False)
-        if epoch % interval and not self._saving.preemption_requested(agent):
+        requested = self._saving.preemption_requested()  # under torch.distributed: any rank's SIGTERM
+        if epoch % interval and not requested:
             return None
-        return self._saving.save(agent, epoch, sidecar, trainer)
+        return self._saving.save(agent, epoch, sidecar, trainer, requested)
 
     def update_metadata(self, epoch: int, /, **metrics: Any) -> None:
         """Add or change sidecar values of a saved checkpoint, for eval scores that arrive after the save.

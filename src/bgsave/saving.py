@@ -66,15 +66,25 @@ class Saving:
             sidecar["world_size"] = self._ranks.world_size
         return sidecar
 
-    def save(self, agent: Any, epoch: int, sidecar: dict[str, Any], trainer: TrainerState | None) -> str:
+    def save(
+        self,
+        agent: Any,
+        epoch: int,
+        sidecar: dict[str, Any],
+        trainer: TrainerState | None,
+        requested: bool | None = None,
+    ) -> str:
         """Every rank: the plain module saved (a sharded one gathered, or written as DCP shards)."""
         model = unwrap(agent)
-        if self._sharding == "dcp" and is_sharded(model):
-            return self._save_shards(model, epoch, sidecar, trainer)
-        job = self._writer.agent_job(
-            self.gather.whole(model, epoch), epoch, sidecar, self.gather.trainer(trainer, model)
-        )
-        self.submit(job)
+        sharded = is_sharded(model)
+        if sharded and self._sharding == "dcp":
+            return self._save_shards(model, epoch, sidecar, trainer, requested)
+        if not self._ranks.is_writer and not sharded:  # no gather to join: the path is all there is to it
+            self._life.saved(self._life.preemption_requested if requested is None else requested)
+            return self._writer.display(epoch)
+        whole, trainer = self.gather.whole(model, epoch), self.gather.trainer(trainer, model)
+        job = self._writer.agent_job(whole, epoch, sidecar, trainer)
+        self.submit(job, requested)
         return job.path
 
     def save_trainer_state(self, trainer: TrainerState) -> None:
@@ -88,7 +98,9 @@ class Saving:
         assert gathered is not None
         self.submit(self._writer.trainer_state_job(gathered))
 
-    def _save_shards(self, model: Any, epoch: int, sidecar: dict[str, Any], trainer: TrainerState | None) -> str:
+    def _save_shards(
+        self, model: Any, epoch: int, sidecar: dict[str, Any], trainer: TrainerState | None, requested: bool | None
+    ) -> str:
         path = self._catalog.path(epoch, layout.DCP)
         shown = self._catalog.storage.display(path)
         if self._ranks.is_writer:  # before any rank writes a shard (DCP plans with rank 0 first)
@@ -100,19 +112,26 @@ class Saving:
         optimizer = None if trainer is None else trainer.optimizer
         saved = self.shards.start(model, optimizer, epoch, path, shown)
         rest = None if trainer is None else dataclasses.replace(trainer, optimizer=None)  # its state is in the shards
-        self.submit(self._writer.shards_job(epoch, sidecar, saved, rest))
+        self.submit(self._writer.shards_job(epoch, sidecar, saved, rest), requested)
         return shown
 
-    def preemption_requested(self, agent: Any) -> bool:
-        """Whether a SIGTERM asks for a save now; for a sharded agent, on any rank (all must join it)."""
+    def preemption_requested(self) -> bool:
+        """Whether a SIGTERM asks for a save now (under torch.distributed: on any rank).
+
+        Every rank must take the same branch: leave the loop at the same epoch, join the same gathers.
+        """
         requested = self._life.preemption_requested
-        if self._life.handles_sigterm and is_sharded(unwrap(agent)):
+        if self._life.handles_sigterm and self._ranks.distributed:
             requested = self._ranks.any("save_at_interval", requested)
         return requested
 
-    def submit(self, job: Any) -> None:
-        """Rank 0: the job into the worker, after earlier failures are raised and the lock is ours."""
-        requested = self._life.preemption_requested  # read before the snapshot: the save is the boundary's
+    def submit(self, job: Any, requested: bool | None = None) -> None:
+        """Rank 0: the job into the worker, after earlier failures are raised and the lock is ours.
+
+        ``requested``: whether a SIGTERM came before it (:meth:`preemption_requested`; None: read now).
+        """
+        if requested is None:  # read before the snapshot: the save is the boundary's
+            requested = self._life.preemption_requested
         if not self._ranks.is_writer:  # checked like rank 0's; rank 0 writes it
             if job.needs_slot:
                 self._life.saved(requested)  # this rank's SIGTERM reached its loop's boundary too

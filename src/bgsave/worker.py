@@ -224,6 +224,7 @@ class Worker:
         try:
             self._prepare(run, start)
             self._hand_over(run)
+            run.stall_s = time.perf_counter() - start  # waking the worker (the GIL) stalls the caller too
         except BaseException:
             self._track(job.epoch, -1)
             if job.needs_slot:
