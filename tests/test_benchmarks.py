@@ -142,3 +142,40 @@ def test_the_catalog_benchmark_runs(tmp_path: Path) -> None:
         assert 0 < rows["20"][key] < 60, key
     assert report["checks"]["local"]["find_latest_growth"] > 0
     assert report["git_sha"]
+
+
+@pytest.mark.distributed
+def test_the_distributed_benchmark_runs(tmp_path: Path) -> None:
+    """bench_distributed.py on 2 gloo ranks at 1 MB, one round: every rank's stall, rank 0's durable and lost time."""
+    out = tmp_path / "distributed.json"
+    args = ("--world-sizes", "2", "--sizes", "1", "--repeats", "1", "--stall-repeats", "1", "--settle", "0")
+    run("bench_distributed.py", *args, "--dir", str(tmp_path), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["git_sha"] and report["machine"]["logical_cpus"] >= 1
+    row = report["results"]["2x1"]
+    stall = row["stall_s"]
+    assert len(stall["per_rank_quiet"]) == len(stall["per_rank_training"]) == len(stall["per_rank_cpu_quiet"]) == 2
+    for value in (stall["rank0_quiet"], stall["alone_quiet"], row["durable_s"]["rank0_wait"], row["window"]["step_s"]):
+        assert 0 < value < 60
+    assert all(math.isfinite(v) for v in row["lost_per_save_s"].values())
+    assert set(row["targets"]) == {"rank0_stall_vs_alone", "others_stall_s"}
+    assert list(tmp_path.glob("bench-distributed-*")) == []
+
+
+@pytest.mark.distributed
+def test_the_sharding_benchmark_runs(tmp_path: Path) -> None:
+    """bench_sharding.py on 2 gloo ranks at 1 MB, one round: every rank's stall and durable time per method."""
+    out = tmp_path / "sharding.json"
+    args = ("--ranks", "2", "--sizes", "1", "--repeats", "1", "--settle", "0", "--deadline-s", "120")
+    run("bench_sharding.py", *args, "--dir", str(tmp_path), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["git_sha"] and report["machine"]["logical_cpus"] >= 1
+    row = report["results"]["2x1"]
+    for method in ("full", "dcp", "direct", "gather"):
+        stall = row["methods"][method]["stall_s"]
+        assert len(stall["per_rank"]) == 2 and 0 < stall["slowest"] < 60, method
+    for method in ("full", "dcp", "direct"):
+        assert 0 < row["methods"][method]["durable_s"]["slowest"] < 60, method
+    assert all(math.isfinite(v) for v in row["ratios"].values())
+    assert set(row["targets"]) == {"dcp_vs_direct_stall"}
+    assert list(tmp_path.glob("bench-sharding-*")) == []

@@ -18,7 +18,9 @@ collective runs in the exit hook, the finalizer or the SIGTERM path, nor in ``cl
 
 What rank 0 sends is plain ``torch.save`` bytes, loaded on each rank with its own ``map_location``:
 each rank gets what it would have got by loading the files itself (node-local run directories and
-buckets read by one rank work alike).
+buckets read by one rank work alike). The trainer state is rank 0's: with ``rng=True``, ``restore``
+puts rank 0's random streams on every rank, which resumes exactly where every rank draws the same
+streams (seed per-rank randomness, such as each rank's episodes, from a stream plus the rank).
 """
 
 from __future__ import annotations
