@@ -4,7 +4,8 @@ One rank per process (one H200 holds one NCCL rank: NCCL refuses two ranks on on
 this checks what only a GPU shows: a DDP model on ``cuda:0`` trained on the NCCL backend while
 bgsave snapshots it (pinned copies) and writes on rank 0; ``start_run`` resuming onto the GPU
 (``map_location``); an FSDP2 agent on CUDA saved with ``sharding="full"`` and ``"dcp"`` (DCP's
-``async_save`` needs the CPU backend, which ``cpu:gloo`` gives). The multi-rank collectives (bgsave's
+``async_save`` needs the CPU backend, which ``cpu:gloo`` gives), and an FSDP1 agent (it needs an
+accelerator) with ``"full"``. The multi-rank collectives (bgsave's
 own gloo group) are tested on CPU in CI (tests/test_distributed.py); under torchrun on a node of
 several GPUs run this with ``--nproc-per-node N``.
 
@@ -120,6 +121,17 @@ def main() -> int:
             optimizer = torch.optim.Adam(model.parameters())
             report[f"fsdp_{sharding}_stall_s"] = _stalls(mgr, model, optimizer, device)
             mgr.close()
+        if device.type == "cuda":  # FSDP1 needs an accelerator: not testable in CI
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            mgr = CheckpointManager(Path(tmp, "fsdp1"), "nccl-fsdp1", collective_timeout_s=120)
+            start = mgr.start_run(Net)
+            model = FullyShardedDataParallel(start.agent.to(device), use_orig_params=True)
+            optimizer = torch.optim.Adam(model.parameters())
+            report["fsdp1_full_stall_s"] = _stalls(mgr, model, optimizer, device)
+            mgr.close()
+            loaded = torch.load(Path(tmp, "fsdp1", "checkpoints", "model_0005.pt"), weights_only=False)
+            report["fsdp1_file_class"] = type(loaded).__name__  # Net: the plain module, loadable anywhere
     for key, value in report.items():
         shown = f"median {statistics.median(value) * 1e3:.1f} ms of {len(value)}" if isinstance(value, list) else value
         print(f"{key}: {shown}")
