@@ -295,7 +295,11 @@ class Writer:
         """In the worker's second lane once epoch committed: the W&B upload (of a ``.pt``), then retention."""
         index, self._committed = self._committed, self._committed + 1
         prunes = not self._retention.keeps_everything
-        if upload and self._wandb_run is not None and self._upload.due(index):
+        if not upload and self._wandb_run is not None and self._upload.due(index):
+            logger.warning(
+                "%s: epoch %d is DCP shards, not logged to W&B (bgsave consolidate makes a .pt)", shown, epoch
+            )
+        elif self._wandb_run is not None and self._upload.due(index):
             # W&B reads a local file in place, later. With retention on, the file may go before that:
             # online, wait for the upload to finish; offline (read at `wandb sync`), let W&B copy it.
             offline = bool(getattr(self._wandb_run, "offline", False))
