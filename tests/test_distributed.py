@@ -757,6 +757,28 @@ def test_a_killed_writer_makes_the_next_collective_fail_at_once(writer_killed: R
     assert _digest(state_of(_load(killed["path"]))) == killed["agent"]
 
 
+def _only_rank_0_constructs(ctx: Rank) -> None:
+    if ctx.rank == 0:
+        began = time.monotonic()
+        try:
+            CheckpointManager(ctx.workdir / "run", "alone", collective_timeout_s=SHORT_TIMEOUT_S)
+            ctx.report("error", None)
+        except DistributedError as exc:
+            ctx.report("error", _error(exc))
+        ctx.report("took_s", time.monotonic() - began)
+    dist.barrier()  # the training group still works: rank 1 waits here for rank 0
+
+
+def test_a_manager_built_on_rank_0_only_is_a_named_error_not_a_hang(tmp_path: Path) -> None:
+    """A manager built on one rank only fails within collective_timeout_s, saying every rank must build it."""
+    reports = dist_harness.run(_only_rank_0_constructs, tmp_path, nprocs=2, deadline_s=120)
+    error = reports[0]["error"]
+    assert error is not None and error["type"] == "DistributedError"
+    assert "every rank constructs the CheckpointManager" in error["message"] and "distributed='off'" in error["message"]
+    assert SHORT_TIMEOUT_S <= reports[0]["took_s"] < SHORT_TIMEOUT_S + PROMPT_S
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def _raises(ctx: Rank) -> None:
     raise ValueError(f"rank {ctx.rank} fails on purpose")
 

@@ -101,8 +101,12 @@ class Ranks:
             return cls()
         # A group of bgsave's own (gloo: CPU tensors, and it raises on timeout where NCCL's watchdog
         # aborts): its collectives never interleave with the training group's.
-        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        return cls(dist.get_rank(), world_size, group, timeout_s)
+        ranks = cls(dist.get_rank(), world_size, None, timeout_s)
+        what = "creating bgsave's process group (every rank constructs the CheckpointManager, or distributed='off')"
+        ranks._group = ranks._collective(
+            what, lambda: dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        )
+        return ranks
 
     @property
     def distributed(self) -> bool:
