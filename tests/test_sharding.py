@@ -226,6 +226,7 @@ def _start_record(start: Any, make: _Factory) -> dict[str, Any]:
         "type": type(start.agent).__name__,
         "agent": _digest(start.agent.state_dict()),
         "shards": None if start.shards is None else os.path.basename(start.shards),
+        "gathered": start.gathered,
         "new_agent": _digest(start.agent.state_dict()) == _digest(make().state_dict()),
     }
 
@@ -257,7 +258,7 @@ def _full(ctx: Rank, setup: Setup) -> dict[str, Any]:
 
     mgr = CheckpointManager(run_dir, "full", collective_timeout_s=TIMEOUT_S)
     again = mgr.start_run(make)
-    out["resumed"] = {k: v for k, v in _start_record(again, _Factory()).items() if k != "new_agent"}
+    out["resumed"] = _start_record(again, _Factory())
     model = _shard(again.agent)
     optimizer = _optimizer(model)
     again.restore(optimizer, model=model)
@@ -475,13 +476,15 @@ def test_full_resume_restores_the_shards_and_training_continues_identically(two:
     """Resume, shard, restore(opt, model=): every rank's full state dicts are the saved ones; next steps identical."""
     got = two.of("_full")
     saved = _same([g["saved"] for g in got])
-    resumed = _same([g["resumed"] for g in got])
-    assert (resumed["resumed"], resumed["epoch"], resumed["agent_step"]) == (True, 2, 2)
-    assert (resumed["type"], resumed["agent"], resumed["shards"]) == ("Blocks", saved["model"], None)
     for rank, g in enumerate(got):
+        resumed = g["resumed"]
+        assert (resumed["resumed"], resumed["epoch"], resumed["agent_step"]) == (True, 2, 2), rank
+        assert (resumed["type"], resumed["shards"], resumed["gathered"]) == ("Blocks", None, True), rank
         assert g["restored"] == {"model": saved["model"], "optimizer": saved["optimizer"]}, rank
         assert g["continued"] == g["uninterrupted"], rank  # steps 3-4 after the resume = without one
-    assert got[1]["made"] == [0, 0]  # every rank got rank 0's agent; rank 1 never built one
+    # Rank 0 loaded the checkpoint; rank 1 got no copy of it, only a new agent that restore() filled.
+    assert got[0]["resumed"]["agent"] == saved["model"] and got[1]["resumed"]["new_agent"]
+    assert got[1]["made"] == [0, 1]  # a new run's agent is rank 0's; on a resume rank 1 builds its own
     later = _same([g["save_agent"] for g in got])  # save_agent of the sharded model: a whole agent too
     agent = _load(later["path"])
     assert type(agent) is Blocks and _digest(agent.state_dict()) == later["model"]

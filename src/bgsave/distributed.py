@@ -193,10 +193,13 @@ class Ranks:
             raise _rebuild(summary)
         return result  # type: ignore[no-any-return]
 
-    def share(self, what: str, make: Callable[[], T], map_location: Any = None) -> T:
+    def share(
+        self, what: str, make: Callable[[], T], map_location: Any = None, send: Callable[[T], T] = lambda v: v
+    ) -> T:
         """Rank 0's ``make()`` on every rank: torch.save bytes there, torch.load here (``map_location``).
 
-        What ``make`` raises on rank 0 is raised on every rank (:meth:`everywhere`).
+        Rank 0 keeps what it made; the others get ``send(made)``. What ``make`` raises on rank 0 is
+        raised on every rank (:meth:`everywhere`).
         """
         if not self.distributed:
             return make()
@@ -205,7 +208,7 @@ class Ranks:
         def run() -> int:
             made.append(make())
             buffer = io.BytesIO()
-            torch.save(made[0], buffer)
+            torch.save(send(made[0]), buffer)
             made.append(buffer.getbuffer())
             return len(made[1])
 
@@ -238,10 +241,10 @@ class Ranks:
         each rank then ``load``s that epoch itself, and if any cannot, every rank raises.
         """
         if resume == "broadcast" or not self.distributed:
-            return self.share("start_run", start, map_location)
+            return self.share("start_run", start, map_location, RunStart.for_other_ranks)
         decision = self.everywhere("start_run", decide)
         if decision is None:  # a new run: rank 0's new agent, as with "broadcast"
-            return self.share("start_run", start, map_location)
+            return self.share("start_run", start, map_location, RunStart.for_other_ranks)
         epoch, with_trainer = decision
         found: RunStart | None = None
         failure = ""

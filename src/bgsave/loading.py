@@ -7,14 +7,15 @@ lists or searches (:mod:`bgsave.catalog`, the ``bgsave`` command) never comes he
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from bgsave import layout, trainer_state
+from bgsave import layout, sharding, trainer_state
 from bgsave.catalog import Catalog, CheckpointInfo
 from bgsave.errors import CheckpointNotFoundError, CheckpointReadError
 from bgsave.shards import load_shards
@@ -49,6 +50,10 @@ class RunStart:
             total_time, ...), None for a new run.
         shards: The DCP directory of a sharded (``sharding="dcp"``) checkpoint, else None: ``agent``
             is then a new ``make_agent()``, loaded by :meth:`restore` once sharded (``model=``).
+        gathered: The epoch was saved from a sharded agent (``sharding="full"``) and resumed under
+            torch.distributed: rank 0's ``agent`` is the loaded one, the other ranks' a new
+            ``make_agent()``; :meth:`restore` (``model=``) sends rank 0's state to each rank's shards.
+        full_model: Rank 0's full state dict of the loaded agent, for that (None elsewhere).
     """
 
     agent: Any
@@ -58,6 +63,8 @@ class RunStart:
     resumed: bool
     info: CheckpointInfo | None = None
     shards: str | None = None
+    gathered: bool = False
+    full_model: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -84,8 +91,28 @@ class RunStart:
         """
         if self.shards is not None:  # every rank loads its own shards (bgsave.shards)
             load_shards(self.shards, model, optimizer)
+        if self.gathered:  # rank 0's full state, broadcast into every rank's shards (bgsave.sharding)
+            saved = (self.trainer_state or {}).get("optimizer_state")
+            with_optimizer = optimizer is not None and bool((self.trainer_state or {}).get("optimizer_from_rank0"))
+            sharding.broadcast_full(model, optimizer if with_optimizer else None, self.full_model, saved)
+            optimizer = None
         if self.trainer_state is not None:
             trainer_state.restore(self.trainer_state, optimizer, extra, rng=rng, model=model)
+
+    def from_rank0(self) -> RunStart:
+        """Rank 0's resume of an epoch saved from a sharded agent: what :meth:`restore` will broadcast."""
+        state = self.trainer_state
+        if state is not None:
+            state = {**state, "optimizer_from_rank0": state.get("optimizer_state") is not None}
+        full = self.agent.state_dict() if hasattr(self.agent, "state_dict") else None
+        return dataclasses.replace(self, trainer_state=state, gathered=True, full_model=full)
+
+    def for_other_ranks(self) -> RunStart:
+        """What rank 0 sends the others: without the full states a gathered resume broadcasts later."""
+        if not self.gathered:
+            return self
+        state = None if self.trainer_state is None else {**self.trainer_state, "optimizer_state": None}
+        return dataclasses.replace(self, agent=None, trainer_state=state, full_model=None)
 
 
 def load_file(storage: Storage, path: str, *, map_location: Any = None) -> Any:

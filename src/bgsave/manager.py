@@ -375,7 +375,8 @@ class CheckpointManager(Finding):
             load=lambda epoch, trainer: loading.load_start(self._read(), epoch, run, map_location, trainer),
             map_location=map_location,
         )
-        if start.shards is not None:  # DCP shards load into the sharded agent: RunStart.restore(model=)
+        if start.shards is not None or (start.gathered and not self.is_writer):
+            # Restored once sharded (RunStart.restore(model=)): from DCP shards, or from rank 0's state.
             start = dataclasses.replace(start, agent=make_agent())
         return start
 
@@ -385,6 +386,8 @@ class CheckpointManager(Finding):
         catalog = self._read()
         self._worker.raise_errors()  # a failed earlier save: raised on every rank (Ranks.share)
         started = loading.resume(catalog, self._run_name, map_location)
+        if started is not None and self._ranks.distributed and started.info and started.info.sidecar.get("sharded"):
+            return started.from_rank0()  # the others shard a new agent; restore sends them rank 0's state
         if started is not None:
             return started
         agent = make_agent()

@@ -82,6 +82,8 @@ class Saving:
         if not self._ranks.is_writer and not sharded:  # no gather to join: the path is all there is to it
             self._life.saved(self._life.preemption_requested if requested is None else requested)
             return self._writer.display(epoch)
+        if sharded:  # a resume under torch.distributed broadcasts its state into the shards
+            sidecar = {**sidecar, "sharded": True}
         whole, trainer = self.gather.whole(model, epoch), self.gather.trainer(trainer, model)
         job = self._writer.agent_job(whole, epoch, sidecar, trainer)
         self.submit(job, requested)

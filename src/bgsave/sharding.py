@@ -10,9 +10,12 @@ assign=True)``: the gathered tensors become the agent's, no copy) and saves that
 trained on 8 GPUs loads on a laptop with ``torch.load``.
 
 The gather is a collective of the training group, on the caller's thread, inside the ``save_*``
-call every rank makes: never on the worker. A resume gives every rank the whole agent
-(:meth:`CheckpointManager.start_run`); the user shards it, and ``RunStart.restore(optimizer,
-model=model)`` loads the full optimizer state into the shards (``set_optimizer_state_dict``).
+call every rank makes: never on the worker. The sidecar records ``sharded: true``. A resume of such
+an epoch under torch.distributed loads it on rank 0 only; the other ranks get a new ``make_agent()``
+(no copy of the checkpoint); the user shards the agent, and ``RunStart.restore(optimizer,
+model=model)`` sends rank 0's full model and optimizer state into every rank's shards
+(``set_model_state_dict`` / ``set_optimizer_state_dict`` with ``broadcast_from_rank0=True``).
+In one process the file loads as any whole-agent checkpoint.
 
 Example:
     >>> start = mgr.start_run(make_agent)  # doctest: +SKIP
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = (
     "FullOptimizerState",
     "Gather",
+    "broadcast_full",
     "is_sharded",
     "load_optimizer",
     "optimizer_sharded",
@@ -199,6 +203,30 @@ class Gather:
         if trainer is None or trainer.optimizer is None or not optimizer_sharded(trainer.optimizer):
             return trainer
         return dataclasses.replace(trainer, optimizer=self.optimizer(trainer.optimizer, model, trainer.epoch))
+
+
+def broadcast_full(model: Any, optimizer: Any, model_state: dict[str, Any] | None, optimizer_state: Any) -> None:
+    """Every rank: rank 0's full model (and optimizer) state into this rank's shards (``broadcast_from_rank0``).
+
+    Only rank 0 holds the full states; the others pass nothing and receive their shards.
+
+    Raises:
+        InvalidArgumentError: no ``model`` was given.
+    """
+    if model is None:
+        raise InvalidArgumentError(
+            "this epoch was saved from a sharded agent: shard the new agent, then restore(optimizer, model=model)"
+        )
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, model_state or {}, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state or {}, options=options)
 
 
 def load_optimizer(optimizer: Any, state: dict[str, Any], model: Any) -> bool:
