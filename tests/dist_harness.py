@@ -20,6 +20,7 @@ others must still exit 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -35,7 +36,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-__all__ = ("Rank", "RankFailedError", "free_port", "run")
+__all__ = ("Rank", "RankFailedError", "digest", "files_under", "free_port", "run")
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 # How much of a failed rank's report a failure shows (its last checks, with their tracebacks).
@@ -70,6 +71,41 @@ class Rank:
     def die(self, code: int = 17) -> NoReturn:
         """End this process at once, as a killed rank would: no exit hooks, finalizers or collectives."""
         os._exit(code)
+
+
+def digest(obj: Any) -> str:
+    """A content hash of tensors, containers and plain values: equal digests, equal state."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    import torch  # the harness itself runs in processes that may not need it
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(bytes(t.reshape(-1).view(torch.uint8).tolist()))
+    elif isinstance(obj, dict):
+        h.update(b"D")
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L")
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(repr(obj).encode())
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file under ``root`` (hidden ones too), relative, sorted; [] when it does not exist."""
+    out = []
+    for folder, _, names in os.walk(root):
+        out += [Path(folder, name).relative_to(root).as_posix() for name in names]
+    return sorted(out)
 
 
 def free_port() -> int:

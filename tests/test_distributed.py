@@ -17,7 +17,6 @@ or ``BGSAVE_RANKS4=1``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -43,7 +42,7 @@ from bgsave import (
     DistributedError,
     InvalidArgumentError,
 )
-from dist_harness import Rank
+from dist_harness import Rank, digest, files_under
 
 pytestmark = pytest.mark.distributed
 
@@ -73,39 +72,6 @@ Check = Callable[[Rank, Setup], dict[str, Any]]
 
 
 # ---- helpers (every rank) ------------------------------------------------------------------------
-def _digest(obj: Any) -> str:
-    """A content hash of tensors, containers and plain values: equal digests, equal state."""
-    h = hashlib.sha256()
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def _feed(h: Any, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(bytes(t.reshape(-1).view(torch.uint8).tolist()))
-    elif isinstance(obj, dict):
-        h.update(b"D")
-        for key in sorted(obj, key=repr):
-            h.update(repr(key).encode())
-            _feed(h, obj[key])
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"L")
-        for item in obj:
-            _feed(h, item)
-    else:
-        h.update(repr(obj).encode())
-
-
-def _files(root: Path) -> list[str]:
-    """Every file under ``root`` (hidden ones too), relative, sorted; [] when it does not exist."""
-    out = []
-    for folder, _, names in os.walk(root):
-        out += [Path(folder, name).relative_to(root).as_posix() for name in names]
-    return sorted(out)
-
-
 def _error(exc: BaseException) -> dict[str, Any]:
     return {
         "type": type(exc).__name__,
@@ -134,8 +100,8 @@ def _start_record(start: Any, optimizer: torch.optim.Optimizer | None = None) ->
         "resumed": start.resumed,
         "epoch": start.epoch,
         "agent_step": start.agent_step,
-        "agent": _digest(state_of(start.agent)),
-        "optimizer": None if optimizer is None else _digest(optimizer.state_dict()),
+        "agent": digest(state_of(start.agent)),
+        "optimizer": None if optimizer is None else digest(optimizer.state_dict()),
     }
 
 
@@ -151,13 +117,13 @@ def _separate_dirs(ctx: Rank, setup: Setup) -> dict[str, Any]:
     paths.append(mgr.save_at_interval(start.agent, 2, interval=2, optimizer=optimizer, metadata={"agent_step": 20}))
     mgr.update_metadata(1, score=0.75)
     mgr.wait()
-    during = _files(run_dir)
+    during = files_under(run_dir)
     mgr.close()
     return {
         "who": [mgr.rank, mgr.world_size, mgr.is_writer],
         "paths": [os.path.relpath(str(p), run_dir) for p in paths],
         "during": during,
-        "after": _files(run_dir),
+        "after": files_under(run_dir),
     }
 
 
@@ -206,7 +172,7 @@ def _shared_dir(ctx: Rank, setup: Setup) -> dict[str, Any]:
         "skipped": skipped,
         "refused": refused,
         "seen": seen,
-        "files": _files(setup.base / "shared"),
+        "files": files_under(setup.base / "shared"),
     }
 
 
@@ -252,9 +218,9 @@ def _node_local_dirs(ctx: Rank, setup: Setup) -> dict[str, Any]:
     for epoch in (3, 5) if ctx.rank == 0 else (2,):  # rank 0's directory is ahead of the others'
         train(agent, optimizer, 1)
         alone.save_at_interval(agent, epoch, interval=1, optimizer=optimizer, metadata={"agent_step": epoch})
-    out["off_saved"] = _digest(state_of(agent))
+    out["off_saved"] = digest(state_of(agent))
     alone.close()
-    out["off_files"] = _files(own)
+    out["off_files"] = files_under(own)
 
     made: list[int] = []
 
@@ -265,7 +231,7 @@ def _node_local_dirs(ctx: Rank, setup: Setup) -> dict[str, Any]:
     mgr = CheckpointManager(own, "node", collective_timeout_s=TIMEOUT_S)
     out["broadcast"] = _start_record(mgr.start_run(make))
     mgr.close()
-    out["files_after_broadcast"] = _files(own)
+    out["files_after_broadcast"] = files_under(own)
 
     mgr = CheckpointManager(own, "node", resume="each_rank", collective_timeout_s=TIMEOUT_S)
     began = time.monotonic()
@@ -281,7 +247,7 @@ def _node_local_dirs(ctx: Rank, setup: Setup) -> dict[str, Any]:
     mgr = CheckpointManager(fresh, "node-fresh", resume="each_rank", collective_timeout_s=TIMEOUT_S)
     out["each_rank_new"] = _start_record(mgr.start_run(make))
     mgr.close()
-    out["each_rank_new_files"] = _files(fresh)
+    out["each_rank_new_files"] = files_under(fresh)
     out["made"] = made
     return out
 
@@ -302,7 +268,7 @@ def _write_failure_everywhere(ctx: Rank, setup: Setup) -> dict[str, Any]:
         out["close"] = None
     except BgsaveError as exc:
         out["close"] = _error(exc)
-    out["files"] = _files(setup.base / "failing")
+    out["files"] = files_under(setup.base / "failing")
     return out
 
 
@@ -391,11 +357,11 @@ def _ddp_training(ctx: Rank, setup: Setup) -> dict[str, Any]:
         )
         if path is not None:
             paths.append(path)
-            saved[str(step)] = _digest(state_of(model.module))
+            saved[str(step)] = digest(state_of(model.module))
     mgr.wait()
-    weights = _digest(model.module.state_dict())
+    weights = digest(model.module.state_dict())
     mgr.close()
-    return {"paths": paths, "saved": saved, "weights": weights, "files": _files(setup.base / "ddp")}
+    return {"paths": paths, "saved": saved, "weights": weights, "files": files_under(setup.base / "ddp")}
 
 
 def _s3_run_dir(ctx: Rank, setup: Setup) -> dict[str, Any]:
@@ -417,7 +383,13 @@ def _s3_run_dir(ctx: Rank, setup: Setup) -> dict[str, Any]:
     mgr.wait()
     latest = mgr.find_latest_checkpoint()
     mgr.close()
-    return {"skipped": False, "made": made, "paths": paths, "latest": latest, "agent": _digest(state_of(start.agent))}
+    return {
+        "skipped": False,
+        "made": made,
+        "paths": paths,
+        "latest": latest,
+        "agent": digest(state_of(start.agent)),
+    }
 
 
 def _rank_killed(ctx: Rank, setup: Setup, victim: int) -> None:
@@ -426,7 +398,7 @@ def _rank_killed(ctx: Rank, setup: Setup, victim: int) -> None:
     start = mgr.start_run(Agent)
     path = mgr.save_agent(start.agent, 1)
     mgr.wait()
-    ctx.report("killed", {"path": path, "agent": _digest(state_of(start.agent))})
+    ctx.report("killed", {"path": path, "agent": digest(state_of(start.agent))})
     if ctx.rank == victim:
         ctx.die(KILLED_EXIT)
     out: dict[str, Any] = {}
@@ -571,7 +543,7 @@ def _assert_shared_dir(run: Run) -> None:
     assert [g["made"] for g in got] == [[0]] + [[]] * (run.world - 1)
     start = _same([g["start"] for g in got])
     assert start["resumed"] is False and start["epoch"] == 0
-    assert start["agent"] == _digest(state_of(Agent(seed=7)))
+    assert start["agent"] == digest(state_of(Agent(seed=7)))
     paths = _same([g["paths"] for g in got])
     assert _same([g["skipped"] for g in got]) is None
     assert _same([g["refused"] for g in got]) == ["InvalidArgumentError"] * 4
@@ -580,7 +552,7 @@ def _assert_shared_dir(run: Run) -> None:
     assert _checkpoint_files(files) == {"checkpoints/trainer_0002.pt"} | {
         f"checkpoints/model_000{e}.{s}" for e in (0, 1, 2) for s in ("pt", "yaml")
     }
-    assert _digest(state_of(_load(run.setup.base / "shared/checkpoints/model_0000.pt"))) == start["agent"]
+    assert digest(state_of(_load(run.setup.base / "shared/checkpoints/model_0000.pt"))) == start["agent"]
     sidecar = _sidecar(paths[1])
     assert (sidecar["world_size"], sidecar["score"], sidecar["agent_step"]) == (run.world, 0.9, 2)
 
@@ -589,7 +561,11 @@ def _assert_same_start_everywhere(run: Run) -> None:
     got = run.of(_same_start_everywhere)
     assert [g["made"] for g in got] == [[0]] + [[]] * (run.world - 1)
     fresh = _same([g["fresh"] for g in got])
-    assert (fresh["resumed"], fresh["epoch"], fresh["agent"]) == (False, 0, _digest(state_of(Agent(seed=10))))
+    assert (fresh["resumed"], fresh["epoch"], fresh["agent"]) == (
+        False,
+        0,
+        digest(state_of(Agent(seed=10))),
+    )
     saved = _same([g["saved"] for g in got])
     for resume in ("broadcast", "each_rank"):
         again = _same([g[resume] for g in got])
@@ -620,7 +596,7 @@ def _assert_node_local_dirs(run: Run) -> None:
         assert f"rank {rank}:" in message, message
     assert max(g["each_rank_s"] for g in got) < PROMPT_S
     new = _same([g["each_rank_new"] for g in got])
-    assert (new["resumed"], new["epoch"], new["agent"]) == (False, 0, _digest(state_of(Agent(seed=70))))
+    assert (new["resumed"], new["epoch"], new["agent"]) == (False, 0, digest(state_of(Agent(seed=70))))
     assert "checkpoints/model_0000.pt" in got[0]["each_rank_new_files"]
     assert all(g["each_rank_new_files"] == [] for g in got[1:])
     assert [g["made"] for g in got] == [[0]] + [[]] * (run.world - 1)  # the new run only
@@ -697,10 +673,10 @@ def test_ddp_training_with_background_saves(two: Run) -> None:
     paths = _same([g["paths"] for g in got])
     assert len(paths) == DDP_STEPS // DDP_EVERY
     _same([g["weights"] for g in got])  # DDP kept the ranks equal
-    for step, digest in got[0]["saved"].items():
+    for step, saved in got[0]["saved"].items():
         agent = _load(paths[int(step) // DDP_EVERY - 1])
         assert type(agent) is Agent  # the module, not the DDP wrapper (which only loads in a process group)
-        assert _digest(state_of(agent)) == digest, step
+        assert digest(state_of(agent)) == saved, step
         assert _sidecar(paths[int(step) // DDP_EVERY - 1])["world_size"] == 2
     assert not [f for f in got[0]["files"] if "tmp" in f]
 
@@ -724,7 +700,7 @@ def test_s3_run_directory_from_two_ranks(two: Run) -> None:
     assert _checkpoint_files(names) == {*expected, "checkpoints/trainer_0001.pt", "checkpoints/trainer_0002.pt"}
     with fs.open(paths[-1].removeprefix("s3://"), "rb") as f:
         agent = torch.load(f, weights_only=False)
-    assert _digest(state_of(agent)) == _same([g["agent"] for g in got])
+    assert digest(state_of(agent)) == _same([g["agent"] for g in got])
 
 
 def test_a_killed_rank_makes_the_next_collective_fail_at_once(two: Run) -> None:
@@ -736,7 +712,7 @@ def test_a_killed_rank_makes_the_next_collective_fail_at_once(two: Run) -> None:
         assert "rank 0 of 2" in error["message"] and f"collective_timeout_s={TIMEOUT_S:g}" in error["message"]
         assert survivor[f"{what}_s"] < PROMPT_S, what
     killed = two.reports[1]["killed"]
-    assert _digest(state_of(_load(killed["path"]))) == killed["agent"]  # what was committed stays
+    assert digest(state_of(_load(killed["path"]))) == killed["agent"]  # what was committed stays
 
 
 @pytest.fixture(scope="module")
@@ -754,7 +730,7 @@ def test_a_killed_writer_makes_the_next_collective_fail_at_once(writer_killed: R
         assert "rank 1 of 2" in error["message"], what
         assert survivor[f"{what}_s"] < PROMPT_S, what
     killed = writer_killed.reports[0]["killed"]
-    assert _digest(state_of(_load(killed["path"]))) == killed["agent"]
+    assert digest(state_of(_load(killed["path"]))) == killed["agent"]
 
 
 def _only_rank_0_constructs(ctx: Rank) -> None:

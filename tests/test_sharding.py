@@ -13,7 +13,6 @@ Faults are injected by wrapping the real thing inside the ranks: DCP's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -36,7 +35,7 @@ from bgsave import CheckpointManager, CheckpointReadError, InvalidArgumentError
 from bgsave.catalog import Catalog
 from bgsave.cli import main as bgsave_main
 from bgsave.storage import open_storage
-from dist_harness import Rank
+from dist_harness import Rank, digest, files_under
 
 pytestmark = pytest.mark.distributed
 
@@ -56,39 +55,6 @@ class Setup:
 
 
 # ---- helpers (every rank, and this process) ------------------------------------------------------
-def _digest(obj: Any) -> str:
-    """A content hash of tensors, containers and plain values: equal digests, equal state."""
-    h = hashlib.sha256()
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def _feed(h: Any, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(bytes(t.reshape(-1).view(torch.uint8).tolist()))
-    elif isinstance(obj, dict):
-        h.update(b"D")
-        for key in sorted(obj, key=repr):
-            h.update(repr(key).encode())
-            _feed(h, obj[key])
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"L")
-        for item in obj:
-            _feed(h, item)
-    else:
-        h.update(repr(obj).encode())
-
-
-def _files(root: Path) -> list[str]:
-    """Every file under ``root`` (hidden ones too), relative, sorted; [] when it does not exist."""
-    out = []
-    for folder, _, names in os.walk(root):
-        out += [Path(folder, name).relative_to(root).as_posix() for name in names]
-    return sorted(out)
-
-
 def _error(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc), "epoch": getattr(exc, "epoch", None)}
 
@@ -99,8 +65,8 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
     options = StateDictOptions(full_state_dict=True)
     return {
-        "model": _digest(get_model_state_dict(model, options=options)),
-        "optimizer": _digest(get_optimizer_state_dict(model, optimizer, options=options)),
+        "model": digest(get_model_state_dict(model, options=options)),
+        "optimizer": digest(get_optimizer_state_dict(model, optimizer, options=options)),
     }
 
 
@@ -108,7 +74,10 @@ def _plain_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     """:func:`_full_state` of a module that is not sharded, in a process without a process group."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return {"model": _digest(model.state_dict()), "optimizer": _digest(get_optimizer_state_dict(model, optimizer))}
+    return {
+        "model": digest(model.state_dict()),
+        "optimizer": digest(get_optimizer_state_dict(model, optimizer)),
+    }
 
 
 _MESH: list[Any] = []
@@ -224,11 +193,27 @@ def _start_record(start: Any, make: _Factory) -> dict[str, Any]:
         "epoch": start.epoch,
         "agent_step": start.agent_step,
         "type": type(start.agent).__name__,
-        "agent": _digest(start.agent.state_dict()),
+        "agent": digest(start.agent.state_dict()),
         "shards": None if start.shards is None else os.path.basename(start.shards),
         "gathered": start.gathered,
-        "new_agent": _digest(start.agent.state_dict()) == _digest(make().state_dict()),
+        "new_agent": digest(start.agent.state_dict()) == digest(make().state_dict()),
     }
+
+
+def _resume_and_train(
+    mgr: CheckpointManager, make: _Factory, fresh: _Factory, steps: tuple[int, ...], out: dict[str, Any]
+) -> tuple[Blocks, torch.optim.Adam]:
+    """start_run, shard, restore(opt, model=), then ``steps``: reported as resumed / restored / continued."""
+    again = mgr.start_run(make)
+    out["resumed"] = _start_record(again, fresh)
+    model = _shard(again.agent)
+    optimizer = _optimizer(model)
+    again.restore(optimizer, model=model)
+    out["restored"] = _full_state(model, optimizer)
+    for step in steps:
+        _step(model, optimizer, step)
+    out["continued"] = _full_state(model, optimizer)
+    return model, optimizer
 
 
 # ---- checks (every rank runs each, in order) -----------------------------------------------------
@@ -238,16 +223,20 @@ def _full(ctx: Rank, setup: Setup) -> dict[str, Any]:
     out: dict[str, Any] = {}
     mgr = CheckpointManager(run_dir, "full", collective_timeout_s=TIMEOUT_S)
     start = mgr.start_run(make)
-    out["start"] = {"resumed": start.resumed, "epoch": start.epoch, "agent": _digest(start.agent.state_dict())}
+    out["start"] = {
+        "resumed": start.resumed,
+        "epoch": start.epoch,
+        "agent": digest(start.agent.state_dict()),
+    }
     model = _shard(start.agent)
     optimizer = _optimizer(model)
     start.restore(optimizer, model=model)  # a new run: nothing to restore
     for step in (1, 2):
         _step(model, optimizer, step)
-    rng = _digest(torch.get_rng_state())
+    rng = digest(torch.get_rng_state())
     model.name, model.config["lr"] = "trained", 3  # what the run changed since make_agent is saved too
     path = mgr.save_at_interval(model, 2, interval=1, optimizer=optimizer, metadata={"agent_step": 2})
-    out["rng_kept"] = rng == _digest(torch.get_rng_state())  # the template's make_agent drew from it
+    out["rng_kept"] = rng == digest(torch.get_rng_state())  # the template's make_agent drew from it
     out["saved"] = {"path": path, **_full_state(model, optimizer)}
     out["class"] = type(model).__name__
     for step in (3, 4):
@@ -257,15 +246,7 @@ def _full(ctx: Rank, setup: Setup) -> dict[str, Any]:
     made_first = make.calls
 
     mgr = CheckpointManager(run_dir, "full", collective_timeout_s=TIMEOUT_S)
-    again = mgr.start_run(make)
-    out["resumed"] = _start_record(again, _Factory())
-    model = _shard(again.agent)
-    optimizer = _optimizer(model)
-    again.restore(optimizer, model=model)
-    out["restored"] = _full_state(model, optimizer)
-    for step in (3, 4):
-        _step(model, optimizer, step)
-    out["continued"] = _full_state(model, optimizer)
+    model, optimizer = _resume_and_train(mgr, make, _Factory(), (3, 4), out)
     out["save_agent"] = {"path": mgr.save_agent(model, 4), "model": out["continued"]["model"]}
     mgr.close()
     out["made"] = [made_first, make.calls - made_first]
@@ -285,7 +266,7 @@ def _full(ctx: Rank, setup: Setup) -> dict[str, Any]:
         except InvalidArgumentError as exc:
             out["no_start"][name] = _error(exc)
     mgr.close()
-    out["no_start_files"] = _files(setup.base / "no-start")
+    out["no_start_files"] = files_under(setup.base / "no-start")
     return out
 
 
@@ -328,18 +309,10 @@ def _dcp(ctx: Rank, setup: Setup) -> dict[str, Any]:
             out["load_agent"] = _error(exc)
         mgr.close()
     out["sidecars"] = sidecars
-    out["files"] = _files(run_dir / "checkpoints")
+    out["files"] = files_under(run_dir / "checkpoints")
 
     mgr = CheckpointManager(run_dir, "dcp", sharding="dcp", collective_timeout_s=TIMEOUT_S)
-    again = mgr.start_run(make)
-    out["resumed"] = _start_record(again, make)
-    model = _shard(again.agent)
-    optimizer = _optimizer(model)
-    again.restore(optimizer, model=model)
-    out["restored"] = _full_state(model, optimizer)
-    for step in (4, 5):
-        _step(model, optimizer, step)
-    out["continued"] = _full_state(model, optimizer)
+    model, optimizer = _resume_and_train(mgr, make, make, (4, 5), out)
     try:
         mgr.save_trainer_state(optimizer, 6, 6)
         out["trainer_alone"] = None
@@ -454,19 +427,19 @@ def test_full_files_load_with_torch_load_as_the_plain_module(two: Run) -> None:
     assert (start["resumed"], start["epoch"]) == (False, 0)
     checkpoints = two.setup.base / "full" / "checkpoints"
     first = _load(checkpoints / "model_0000.pt")  # a new run's epoch 0: the agent before it was sharded
-    assert type(first) is Blocks and _digest(first.state_dict()) == start["agent"]
-    assert start["agent"] == _digest(Blocks(WIDTH, seed=SEED).state_dict())
+    assert type(first) is Blocks and digest(first.state_dict()) == start["agent"]
+    assert start["agent"] == digest(Blocks(WIDTH, seed=SEED).state_dict())
 
     saved = _same([g["saved"] for g in got])
     assert saved["path"] == str(checkpoints / "model_0002.pt")
     agent = _load(saved["path"])
     assert type(agent) is Blocks  # the plain module, not FSDP's class (which does not even pickle)
     assert not any(type(t).__name__ == "DTensor" for t in agent.state_dict().values())
-    assert _digest(agent.state_dict()) == saved["model"]  # the full state dict the ranks gathered
+    assert digest(agent.state_dict()) == saved["model"]  # the full state dict the ranks gathered
     assert (agent.name, agent.config) == ("trained", {"width": WIDTH, "depth": 2, "lr": 3})  # the live agent's
     trainer = _load(checkpoints / "trainer_0002.pt")
     assert trainer["epoch"] == 2 and trainer["run"] == "full"
-    assert _digest(trainer["optimizer_state"]) == saved["optimizer"]
+    assert digest(trainer["optimizer_state"]) == saved["optimizer"]
     sidecar = _sidecar(checkpoints / "model_0002.yaml")
     assert (sidecar["world_size"], sidecar["agent_step"]) == (2, 2)
     assert all(g["rng_kept"] for g in got)  # the CPU template's make_agent() left the RNG as it was
@@ -487,7 +460,7 @@ def test_full_resume_restores_the_shards_and_training_continues_identically(two:
     assert got[1]["made"] == [0, 1]  # a new run's agent is rank 0's; on a resume rank 1 builds its own
     later = _same([g["save_agent"] for g in got])  # save_agent of the sharded model: a whole agent too
     agent = _load(later["path"])
-    assert type(agent) is Blocks and _digest(agent.state_dict()) == later["model"]
+    assert type(agent) is Blocks and digest(agent.state_dict()) == later["model"]
 
 
 def test_a_sharded_agent_saved_without_start_run_is_refused_on_every_rank(two: Run) -> None:
@@ -566,8 +539,8 @@ def test_cli_lists_and_consolidates_a_dcp_epoch(two: Run, tmp_path: Path, capsys
     module = Blocks(WIDTH, seed=99)
     module.load_state_dict(state["model"])
     saved = _same([g["saved2"] for g in got])
-    assert _digest(module.state_dict()) == saved["model"]
-    assert _digest(state["optimizer"]) == saved["optimizer"]  # the full optimizer state, keyed by FQN
+    assert digest(module.state_dict()) == saved["model"]
+    assert digest(state["optimizer"]) == saved["optimizer"]  # the full optimizer state, keyed by FQN
 
 
 # ---- a kill during a DCP save --------------------------------------------------------------------
