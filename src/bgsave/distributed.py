@@ -44,7 +44,7 @@ from bgsave.errors import (
 )
 from bgsave.loading import RunStart
 
-__all__ = ("DISTRIBUTED_MODES", "RESUME_MODES", "Ranks", "check_timeout")
+__all__ = ("DISTRIBUTED_MODES", "RESUME_MODES", "Ranks", "check_timeout", "destroy_group", "new_gloo_group")
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,28 @@ def check_timeout(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise InvalidArgumentError(f"collective_timeout_s must be a finite number of seconds > 0, got {value!r}")
     return float(value)
+
+
+def new_gloo_group(timeout_s: float) -> Any:
+    """A gloo group of every rank (a collective: every rank in the same order), with ``timeout_s``.
+
+    Gloo: CPU tensors, and it raises on timeout where NCCL's watchdog aborts the process.
+    """
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def destroy_group(group: Any) -> None:
+    """Drop a group made by :func:`new_gloo_group` (local, no collective); None: nothing to drop."""
+    import torch.distributed as dist
+
+    if group is None or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group(group)
+    except Exception as exc:  # the default group may be torn down already
+        logger.debug("could not destroy a process group of bgsave's: %s", exc)
 
 
 class Ranks:
@@ -99,13 +121,10 @@ class Ranks:
         world_size = dist.get_world_size()
         if world_size == 1:
             return cls()
-        # A group of bgsave's own (gloo: CPU tensors, and it raises on timeout where NCCL's watchdog
-        # aborts): its collectives never interleave with the training group's.
+        # A group of bgsave's own: its collectives never interleave with the training group's.
         ranks = cls(dist.get_rank(), world_size, None, timeout_s)
         what = "creating bgsave's process group (every rank constructs the CheckpointManager, or distributed='off')"
-        ranks._group = ranks._collective(
-            what, lambda: dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        )
+        ranks._group = ranks._collective(what, lambda: new_gloo_group(timeout_s))
         return ranks
 
     @property
@@ -121,14 +140,7 @@ class Ranks:
     def close(self) -> None:
         """Drop bgsave's process group (local: no collective)."""
         group, self._group = self._group, None
-        if group is not None:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group(group)
-                except Exception as exc:  # the default group may be torn down already
-                    logger.debug("could not destroy bgsave's process group: %s", exc)
+        destroy_group(group)
 
     # ---- collectives --------------------------------------------------------------------------
     def _collective(self, what: str, call: Callable[[], T]) -> T:

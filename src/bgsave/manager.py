@@ -358,14 +358,11 @@ class CheckpointManager(Finding):
             )
         check_bool("rng", rng)
         self._check_open()
-        life, run = self._life, self._run_name
+        run = self._run_name
         self._saving.gather.use_factory(make_agent)  # a sharded agent's saves are poured into a new one
 
         def decide() -> tuple[int, bool] | None:  # resume="each_rank": rank 0 picks, every rank loads
-            life.claim()
-            catalog = self._read()
-            self._worker.raise_errors()
-            point = loading.resume_point(catalog, run, map_location)
+            point = loading.resume_point(self._claimed(), run, map_location)
             return None if point is None else (point[0].epoch, point[1] is not None)
 
         start = self._ranks.start(
@@ -380,12 +377,16 @@ class CheckpointManager(Finding):
             start = dataclasses.replace(start, agent=make_agent())
         return start
 
-    def _start(self, make_agent: Callable[[], Any], map_location: Any, rng: bool) -> RunStart:
-        """Rank 0's (or the one process's) start: the lock, then a resume or a new epoch 0."""
+    def _claimed(self) -> Catalog:
+        """Rank 0 at a start: the writer lock, then the catalog; a failed earlier save is raised (on every rank)."""
         self._life.claim()
         catalog = self._read()
-        self._worker.raise_errors()  # a failed earlier save: raised on every rank (Ranks.share)
-        started = loading.resume(catalog, self._run_name, map_location)
+        self._worker.raise_errors()
+        return catalog
+
+    def _start(self, make_agent: Callable[[], Any], map_location: Any, rng: bool) -> RunStart:
+        """Rank 0's (or the one process's) start: the lock, then a resume or a new epoch 0."""
+        started = loading.resume(self._claimed(), self._run_name, map_location)
         if started is not None and self._ranks.distributed and started.info and started.info.sidecar.get("sharded"):
             return started.from_rank0()  # the others shard a new agent; restore sends them rank 0's state
         if started is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from datetime import timedelta
 from typing import Any
 
 from bgsave.errors import CheckpointReadError, CheckpointWriteError, InvalidArgumentError
@@ -66,12 +65,13 @@ class ShardedSaves:
 
     def start(self, model: Any, optimizer: Any, epoch: int, path: str, shown: str) -> Future[Any]:
         """Every rank: wait for the previous save, then start this one (returns once staged)."""
-        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict_saver import async_save
 
         self.wait()
         if self._group is None:  # every rank is in this call: the one place a new group can be made
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self._timeout_s))
+            from bgsave.distributed import new_gloo_group
+
+            self._group = new_gloo_group(self._timeout_s)
         future = async_save(_state(model, optimizer), checkpoint_id=path, process_group=self._group)
         assert isinstance(future, Future)  # no async_stager: a plain future
         self._future, self._what, self._epoch = future, shown, epoch
@@ -103,12 +103,10 @@ class ShardedSaves:
         try:
             self.wait()
         finally:
-            group, self._group = self._group, None
-            if group is not None:
-                import torch.distributed as dist
+            from bgsave.distributed import destroy_group  # here: distributed imports loading, which imports us
 
-                if dist.is_initialized():
-                    dist.destroy_process_group(group)
+            group, self._group = self._group, None
+            destroy_group(group)
 
 
 def load_shards(path: str, model: Any, optimizer: Any) -> None:

@@ -26,8 +26,7 @@ The event loop runs in anyio's portal thread; the blocking I/O runs in anyio wor
 loop stays free to overlap other stages (a remote upload of one checkpoint while the next is
 written). A failure in a job is caught, kept in order, and raised once by :meth:`Worker.raise_errors`
 at the caller's next call. ``flush()`` sends a marker through the same stream and waits for it, so it
-returns when every job queued before it has finished.
-Pending work is flushed at interpreter exit by the owner (:mod:`bgsave.lifecycle`).
+returns when every job queued before it has finished; the owner flushes at interpreter exit (:mod:`bgsave.lifecycle`).
 """
 
 from __future__ import annotations
