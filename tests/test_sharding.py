@@ -604,3 +604,25 @@ def test_dcp_refuses_a_trainer_state_saved_apart_from_its_shards(two: Run) -> No
         error = got["trainer_alone"]
         assert error is not None and error["type"] == "InvalidArgumentError"
         assert "save_at_interval" in error["message"] and "epoch 6" in error["message"]
+
+
+def test_a_dcp_path_given_to_torch_load_helpers_names_consolidate(tmp_path: Path) -> None:
+    """load_checkpoint of a model_N.dcp directory is a CheckpointReadError pointing at bgsave consolidate."""
+    from bgsave import load_checkpoint
+
+    shards = tmp_path / "checkpoints" / "model_0003.dcp"
+    shards.mkdir(parents=True)
+    with pytest.raises(CheckpointReadError, match="bgsave consolidate"):
+        load_checkpoint(str(shards))
+
+
+def test_a_write_after_the_guarded_file_closed_is_dropped_not_raised(tmp_path: Path) -> None:
+    """torch's writer finishing its archive after the save was given up must not raise (it would abort)."""
+    from bgsave.storage.retry import _Guard
+
+    with open(tmp_path / "partial", "wb") as f:
+        guard = _Guard(f, None)
+        assert guard.write(b"abc") == 3
+    assert guard.write(b"late end of archive") == len(b"late end of archive")
+    assert guard.error is None
+    assert (tmp_path / "partial").read_bytes() == b"abc"
