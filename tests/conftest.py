@@ -6,9 +6,13 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pytest
+
+if TYPE_CHECKING:
+    from faulty_s3 import FaultyS3
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +63,32 @@ def s3_run_dir(s3_endpoint: str) -> str:
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir(bucket)
     return f"s3://{bucket}/runs/test"
+
+
+@pytest.fixture(scope="session")
+def faulty(s3_endpoint: str) -> Iterator[FaultyS3]:
+    """A fault-injecting endpoint (tests/faulty_s3.py) serving the same moto state as ``s3_endpoint``."""
+    from faulty_s3 import FaultyS3
+
+    with FaultyS3() as server:
+        yield server
+
+
+@pytest.fixture
+def no_client_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3fs does not retry on its own: each fault meets bgsave's retry policy directly."""
+    s3fs = pytest.importorskip("s3fs")
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+
+
+@pytest.fixture
+def clean(s3_endpoint: str) -> Any:
+    """A filesystem on the clean endpoint, uncached, to inspect what the bucket really holds."""
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True, use_listings_cache=False
+    )
 
 
 @pytest.fixture

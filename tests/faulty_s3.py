@@ -12,8 +12,21 @@ fragment, an action and how many times it fires (``None``: until cleared)::
         s3.fail("*", "reset", key="model_")     # every request on a model_* key: connection dropped
 
 Actions: ``"500"`` (InternalError), ``"503"`` (SlowDown), ``"403"`` (AccessDenied), ``"404"``
-(NoSuchBucket), and ``"reset"`` (the connection is dropped before any response: the client sees
-"connection closed" or "reset by peer", as when a server crashes or a middlebox cuts it).
+(NoSuchBucket), ``"reset"`` (the connection is dropped before any response: the client sees
+"connection closed" or "reset by peer", as when a server crashes or a middlebox cuts it), and
+``"hold"``: the request waits, unserved, until :meth:`FaultyS3.release` (or :meth:`~FaultyS3.close`),
+then moto serves it; so a test can act (say, SIGKILL the writer) while an upload is mid-flight::
+
+    s3.fail("UploadPart", "hold", times=1)
+    ...start the save...
+    assert s3.wait_for("UploadPart")            # the held part arrived (a Condition, no polling)
+    ...kill the writer, then...
+    s3.release()
+
+:meth:`~FaultyS3.wait_for` waits until ``n`` requests of an operation were received (returns False on
+its timeout); :meth:`~FaultyS3.max_in_flight` is the most requests of an operation the endpoint was
+handling at once (from arrival until the response was sent), to check that a client really sends in
+parallel.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -40,7 +53,7 @@ _ERRORS = {
     "403": ("403 Forbidden", "AccessDenied", "Access Denied"),
     "404": ("404 Not Found", "NoSuchBucket", "The specified bucket does not exist"),
 }
-ACTIONS = (*_ERRORS, "reset")
+ACTIONS = (*_ERRORS, "reset", "hold")
 
 
 def s3_operation(method: str, path: str, query: str, headers: dict[str, str]) -> str:
@@ -108,8 +121,14 @@ class FaultyS3:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a request arrived, or held ones were released
         self._rules: list[_Rule] = []
         self._seen: list[Seen] = []
+        self._releases = 0  # how many times release() was called: a held request waits for the next
+        self._release_action: str | None = None  # what the last release() made of the held requests
+        self._closing = False
+        self._in_flight: dict[str, int] = {}
+        self._max_in_flight: dict[str, int] = {}
         self._app = DomainDispatcherApplication(create_backend_app)
         self._server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-s3", daemon=True)
@@ -126,10 +145,31 @@ class FaultyS3:
             self._rules.append(_Rule(op=op, action=action, times=times, key=key))
 
     def clear(self) -> None:
-        """Remove every rule and forget the recorded requests."""
+        """Remove every rule and forget the recorded requests (and the in-flight maxima)."""
         with self._lock:
             self._rules.clear()
             self._seen.clear()
+            self._max_in_flight = dict(self._in_flight)
+
+    def release(self, action: str | None = None) -> None:
+        """Let every request held so far go on to moto, or answer them with ``action`` ("reset": dropped,
+        as a killed client's half-sent request is); later matching ones are held again."""
+        if action is not None and action not in ACTIONS[:-1]:
+            raise ValueError(f"action must be None or one of {ACTIONS[:-1]}, got {action!r}")
+        with self._changed:
+            self._release_action = action
+            self._releases += 1
+            self._changed.notify_all()
+
+    def wait_for(self, op: str, n: int = 1, timeout: float = 10.0, *, key: str = "") -> bool:
+        """Wait until ``n`` requests of ``op`` (``"*"``: any) on keys containing ``key`` were received.
+
+        Counts since the last :meth:`clear`; returns False when ``timeout`` seconds pass first.
+        """
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: sum(1 for s in self._seen if op in {"*", s.op} and key in s.key) >= n, timeout=timeout
+            )
 
     # ---- inspection ----------------------------------------------------------------------
     @property
@@ -149,6 +189,11 @@ class FaultyS3:
             and (faulted is None or (s.fault is not None) == faulted)
         )
 
+    def max_in_flight(self, op: str) -> int:
+        """The most requests of ``op`` handled at once since :meth:`clear` (arrival to response sent)."""
+        with self._lock:
+            return self._max_in_flight.get(op, 0)
+
     # ---- the WSGI side -------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -156,12 +201,32 @@ class FaultyS3:
         headers = {k[5:].replace("_", "-").lower(): str(v) for k, v in environ.items() if k.startswith("HTTP_")}
         op = s3_operation(method, path, environ.get("QUERY_STRING", ""), headers)
         key = path.strip("/")
-        with self._lock:
+        with self._changed:
             rule = next((r for r in self._rules if r.matches(op, key)), None)
             if rule is not None and rule.times is not None:
                 rule.times -= 1
             action = rule.action if rule else None
             self._seen.append(Seen(op=op, key=key, range=headers.get("range"), fault=action))
+            self._in_flight[op] = self._in_flight.get(op, 0) + 1
+            self._max_in_flight[op] = max(self._max_in_flight.get(op, 0), self._in_flight[op])
+            self._changed.notify_all()
+            if action == "hold":
+                releases = self._releases
+                self._changed.wait_for(lambda: self._releases != releases or self._closing)
+                action = None if self._closing else self._release_action
+        try:
+            return _Tracked(self._respond(action, environ, start_response, method, key), lambda: self._done(op))
+        except BaseException:
+            self._done(op)
+            raise
+
+    def _done(self, op: str) -> None:
+        with self._lock:
+            self._in_flight[op] -= 1
+
+    def _respond(
+        self, action: str | None, environ: dict[str, Any], start_response: StartResponse, method: str, key: str
+    ) -> Iterable[bytes]:
         if action is None:
             result: Iterable[bytes] = self._app(environ, start_response)
             return result
@@ -179,7 +244,10 @@ class FaultyS3:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        """Stop serving."""
+        """Release every held request, then stop serving."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -191,6 +259,27 @@ class FaultyS3:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class _Tracked:
+    """A WSGI response body that reports when the server is done sending it (its ``close``)."""
+
+    def __init__(self, body: Iterable[bytes], done: Callable[[], None]) -> None:
+        self._body = body
+        self._done: Callable[[], None] | None = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            done, self._done = self._done, None
+            if done is not None:
+                done()
 
 
 def _drain(environ: dict[str, Any]) -> None:

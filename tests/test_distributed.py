@@ -413,6 +413,33 @@ def _rank_killed(ctx: Rank, setup: Setup, victim: int) -> None:
     ctx.report("survivor", out)
 
 
+def _mirrored(ctx: Rank, setup: Setup) -> dict[str, Any]:
+    """Node-local run dirs and one mirror: rank 0 uploads; then "new nodes" (empty dirs) resume from the mirror."""
+    mirror = setup.s3_url.replace("/runs/dist", "/runs/mirrored") if setup.s3_url else str(setup.base / "mirror")
+    node = setup.base / "mirrored" / f"rank{ctx.rank}"
+    mgr = CheckpointManager(node, "mirrored", mirror=mirror, collective_timeout_s=TIMEOUT_S)
+    start = mgr.start_run(Agent)
+    optimizer = make_optimizer(start.agent)
+    for epoch in (1, 2):
+        train(start.agent, optimizer, 1)
+        mgr.save_at_interval(start.agent, epoch, interval=1, optimizer=optimizer)
+    mgr.wait()
+    status = [(s.epoch, s.state) for s in mgr.mirror_status()]
+    saved = _start_record(start, optimizer)
+    mgr.close()
+    fresh = CheckpointManager(setup.base / "fresh" / f"rank{ctx.rank}", "mirrored", mirror=mirror)
+    resumed = fresh.start_run(Agent)
+    again = make_optimizer(resumed.agent)
+    resumed.restore(again)
+    fresh.close()
+    return {
+        "status": status,
+        "local": files_under(node),
+        "saved": saved,
+        "resumed": _start_record(resumed, again),
+    }
+
+
 CHECKS: dict[str, Check] = {
     check.__name__: check
     for check in (
@@ -427,6 +454,7 @@ CHECKS: dict[str, Check] = {
         _rank_not_joining,
         _ddp_training,
         _s3_run_dir,
+        _mirrored,
     )
 }
 BASIC = ("_separate_dirs", "_shared_dir", "_same_start_everywhere", "_node_local_dirs", "_raising_with_block")
@@ -828,3 +856,14 @@ def test_a_sigterm_on_one_rank_makes_the_next_save_a_boundary_everywhere(two: Ru
     # close hands the signal on where it came, and only there
     assert [g["handed_on"] for g in got] == [[]] * (two.world - 1) + [[signal.SIGTERM]]
     assert _load(path).__class__ is Agent
+
+
+def test_a_mirror_is_uploaded_by_rank_0_and_new_nodes_resume_from_it(two: Run) -> None:
+    """Rank 0 alone writes and uploads; ranks on "new nodes" (empty run dirs) all resume epoch 2 from the mirror."""
+    got = two.of(_mirrored)
+    assert got[0]["status"] == [[0, "mirrored"], [1, "mirrored"], [2, "mirrored"]]
+    assert "checkpoints/model_0002.pt" in got[0]["local"]
+    assert all(g["local"] == [] for g in got[1:])
+    resumed = _same([g["resumed"] for g in got])
+    assert (resumed["resumed"], resumed["epoch"]) == (True, 2)
+    assert (resumed["agent"], resumed["optimizer"]) == (got[0]["saved"]["agent"], got[0]["saved"]["optimizer"])

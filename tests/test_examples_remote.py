@@ -124,3 +124,18 @@ def test_wandb_example_records_every_checkpoint_as_an_artifact_offline(wandb_dir
     recorded = re.findall(r"recorded offline in (\S+)$", out, re.M)
     assert len(recorded) == 2
     assert all(Path(path).is_file() and Path(path).is_relative_to(wandb_dirs) for path in recorded)
+
+
+def test_mirror_example_resumes_a_new_node_from_the_bucket(s3_endpoint: str) -> None:
+    """Node 1 trains on local disk mirrored to a bucket and is lost; node 2 resumes its last epoch from the bucket."""
+    bucket = f"mirror-example-{os.getpid()}"
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True).mkdir(bucket)
+    mirror = f"s3://{bucket}/runs/cartpole"
+    out = run_example("mirror_run.py", "--mirror", mirror, "--epochs", "4", "--save-every", "2")
+    assert "mirror status (epoch:state): 0:mirrored, 2:mirrored, 4:mirrored" in out
+    assert re.search(rf"node2/run: resumed epoch 4 from {re.escape(mirror)}/checkpoints/model_0004\.pt$", out, re.M)
+    assert "0:mirrored, 2:mirrored, 4:mirrored, 6:mirrored, 8:mirrored" in out
+    with CheckpointManager(mirror, "cartpole") as mgr:  # the bucket is a run directory of its own
+        assert [info.epoch for info in mgr.checkpoints()] == [0, 2, 4, 6, 8]

@@ -22,6 +22,7 @@ from bgsave.errors import (
     DistributedError,
     InvalidArgumentError,
     ManagerClosedError,
+    MirrorError,
     RunLockedError,
     WandbUploadError,
     WorkerError,
@@ -29,6 +30,7 @@ from bgsave.errors import (
 )
 from bgsave.jobs import SaveRecord
 from bgsave.storage import RetryPolicy
+from bgsave.tiers import MirrorStatus
 from bgsave.wandb import upload_to_wandb
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ __all__ = (
     "DistributedError",
     "InvalidArgumentError",
     "ManagerClosedError",
+    "MirrorError",
+    "MirrorStatus",
     "RetryPolicy",
     "RunLockedError",
     "RunStart",

@@ -15,7 +15,9 @@
         ├── CheckpointWriteError  a write failed (in the background or not); the cause is chained
         ├── CheckpointReadError   a checkpoint file is truncated, corrupt or unreadable
         ├── CheckpointNotFoundError  an explicitly requested checkpoint does not exist
-        └── WandbUploadError      logging a committed checkpoint to W&B failed (the commit stands)
+        ├── WandbUploadError      logging a committed checkpoint to W&B failed (the commit stands)
+        └── MirrorError           the mirror cannot be used, or an upload to it failed (a write error;
+                                  the local commit stands); carries .url
 
 Background failures are kept by the worker and raised once, in order, at the caller's next
 ``save_*``, ``wait()`` or ``close()``: never only logged, never as formatted traceback text.
@@ -32,6 +34,7 @@ __all__ = (
     "DistributedError",
     "InvalidArgumentError",
     "ManagerClosedError",
+    "MirrorError",
     "RunLockedError",
     "WandbUploadError",
     "WorkerError",
@@ -140,3 +143,19 @@ class WandbUploadError(CheckpointError):
 
     The local (or bucket) checkpoint is unaffected: it committed before the upload started.
     """
+
+
+class MirrorError(CheckpointWriteError):
+    """The mirror (``mirror=``) cannot be used, or uploading a committed checkpoint to it failed.
+
+    The local checkpoint is unaffected: it committed before the upload started, and loads as ever.
+
+    Attributes:
+        url: The mirror's URL.
+    """
+
+    def __init__(
+        self, message: str, *, url: str | None = None, epoch: int | None = None, path: str | None = None
+    ) -> None:
+        super().__init__(message, epoch=epoch, path=path if path is not None else url)
+        self.url = url if url is not None else (path or "")

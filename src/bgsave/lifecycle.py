@@ -4,11 +4,12 @@
   writer of this run left in ``checkpoints/``: bgsave's own temp files (``*.bgsave-tmp``), or
   unfinished multipart uploads on object stores, the ``.pt`` / ``trainer_N.pt`` files without a
   sidecar of epochs older than the newest committed one (a killed save or prune), and any
-  ``model_N.dcp`` directory without its sidecar (a killed sharded save). Nothing else.
-* **close()** flushes the worker, stops it, writes the catalog's index (:mod:`bgsave.catalog_index`),
-  releases the lock and drops the snapshot buffers; under torch.distributed a failure reaches every
-  rank (:mod:`bgsave.distributed`). A
-  close that times out leaves the lock held until the abandoned write has stopped: it may still land.
+  ``model_N.dcp`` directory without its sidecar (a killed sharded save). Nothing else. With a
+  mirror, then the mirror's lock and leftovers (:meth:`bgsave.mirror.Mirror.claim`).
+* **close()** flushes the worker, stops it, waits for the mirror's uploads, writes the catalog's
+  index (:mod:`bgsave.catalog_index`), releases the locks and drops the snapshot buffers; under
+  torch.distributed a failure reaches every rank (:mod:`bgsave.distributed`). A close that times
+  out leaves the lock held until the abandoned write has stopped: it may still land.
 * **Dropped unclosed, or the interpreter exiting**: a finalizer closes the worker and logs (it can
   raise to no one) the errors nobody saw. It is registered with ``threading._register_atexit``, which
   runs *before* the interpreter joins non-daemon threads (as ``concurrent.futures`` does); a plain
@@ -29,6 +30,7 @@ from bgsave.catalog import Catalog
 from bgsave.distributed import Ranks
 from bgsave.errors import CheckpointError, CheckpointWriteError, WorkerTimeoutError
 from bgsave.lock import WriterLock
+from bgsave.mirror import Mirror
 from bgsave.preemption import Preemption
 from bgsave.snapshot import SnapshotPool
 from bgsave.worker import Worker
@@ -41,13 +43,23 @@ logger = logging.getLogger(__name__)
 class Lifecycle:
     """The lock, the worker's end and the exit hook of one manager (see the module docstring)."""
 
-    def __init__(self, owner: object, worker: Worker, pool: SnapshotPool, lock: WriterLock, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        owner: object,
+        worker: Worker,
+        pool: SnapshotPool,
+        lock: WriterLock,
+        catalog: Catalog,
+        *,
+        mirror: Mirror | None,
+    ) -> None:
         self._worker = worker
         self._pool = pool
         self._lock = lock
         self._catalog = catalog
+        self._mirror = mirror
         self._preemption: Preemption | None = None
-        self._finalizer = weakref.finalize(owner, _close_quietly, worker, pool, lock, worker.name)
+        self._finalizer = weakref.finalize(owner, _close_quietly, worker, pool, lock, worker.name, mirror)
         self._finalizer.atexit = False
         _register_exit_hook(self._finalizer)
 
@@ -67,6 +79,8 @@ class Lifecycle:
             ) from exc
         storage.remove_stale_temps(self._catalog.directory)
         self._remove_debris()
+        if self._mirror is not None:
+            self._mirror.claim()
 
     def _remove_debris(self) -> None:
         """Remove a ``.pt`` or trainer state without its sidecar, of an epoch older than the newest committed.
@@ -156,6 +170,8 @@ class Lifecycle:
     def _close_worker(self, timeout: float | None) -> None:
         try:
             self._worker.close(timeout)
+            if self._mirror is not None:  # after the worker: its last commits are queued by then
+                self._mirror.close(timeout)
         except WorkerTimeoutError:
             # The abandoned write may still land: the run stays ours until the worker has stopped.
             self._worker.when_stopped(self._lock.release)
@@ -186,15 +202,19 @@ class Lifecycle:
             logger.warning("could not write the catalog index of %s: %s", self._catalog.directory, exc)
 
 
-def _close_quietly(worker: Worker, pool: SnapshotPool, lock: WriterLock, name: str, *, here: bool = False) -> None:
-    """Close an abandoned manager's worker; its errors can reach no caller now, so they are logged."""
+def _close_quietly(
+    worker: Worker, pool: SnapshotPool, lock: WriterLock, name: str, mirror: Mirror | None, *, here: bool = False
+) -> None:
+    """Close an abandoned manager's worker (and mirror); their errors can reach no caller now, so they are logged."""
     if not here and threading.current_thread() is not threading.main_thread():
         # The last reference may drop on the worker's own thread, which must not wait for itself.
-        args = (worker, pool, lock, name)
+        args = (worker, pool, lock, name, mirror)
         threading.Thread(target=_close_quietly, args=args, kwargs={"here": True}, name=f"bgsave-close-{name}").start()
         return
     try:
         worker.close()
+        if mirror is not None:
+            mirror.close()
     finally:
         pool.clear()
         lock.release()

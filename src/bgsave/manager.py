@@ -1,21 +1,21 @@
 """CheckpointManager: the seed design's methods, their argument checks, and the manager's lifecycle.
 
 Every ``save_*`` checks its arguments and hands a job built by :mod:`bgsave.writer` to the worker
-(:mod:`bgsave.worker`), on rank 0 only under torch.distributed (:mod:`bgsave.distributed`). The
-find/load calls are :mod:`bgsave.finding`'s; the lock, exit hook and SIGTERM :mod:`bgsave.lifecycle`'s.
+(:mod:`bgsave.worker`), on rank 0 only under torch.distributed (:mod:`bgsave.distributed`); with a
+mirror, each commit is then uploaded (:mod:`bgsave.mirror`). ``start_run`` is :mod:`bgsave.starting`'s,
+the find/load calls :mod:`bgsave.finding`'s; the lock, exit hook and SIGTERM :mod:`bgsave.lifecycle`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from bgsave import distributed as bgsave_distributed
-from bgsave import layout, loading
+from bgsave import layout
 from bgsave import sidecar as sidecar_schema
 from bgsave import wandb as bgsave_wandb
 from bgsave.catalog import Catalog
@@ -23,13 +23,13 @@ from bgsave.distributed import Ranks
 from bgsave.errors import BgsaveError, InvalidArgumentError, ManagerClosedError, check_bool, check_choice, check_int
 from bgsave.finding import Finding
 from bgsave.lifecycle import Lifecycle
-from bgsave.loading import RunStart
 from bgsave.lock import WriterLock
+from bgsave.mirror import heartbeats, open_mirror
 from bgsave.policies import EveryNth, RetentionPolicy
 from bgsave.preemption import Preemption
 from bgsave.saving import Saving
-from bgsave.sharding import unwrap
 from bgsave.shards import SHARDING_MODES
+from bgsave.starting import Starting
 from bgsave.storage import RetryPolicy, open_storage
 from bgsave.storage.local import LocalStorage
 from bgsave.trainer_state import Stateful, TrainerState
@@ -40,10 +40,8 @@ __all__ = ("CheckpointManager", "Stateful")
 
 logger = logging.getLogger(__name__)
 
-AgentT = TypeVar("AgentT")
 
-
-class CheckpointManager(Finding):
+class CheckpointManager(Finding, Starting):
     """Saves and finds a run's checkpoints, writing in the background.
 
     Args:
@@ -75,6 +73,13 @@ class CheckpointManager(Finding):
             shards with DCP, for agents too large to gather: :mod:`bgsave.shards`).
         collective_timeout_s: How long bgsave's collectives (``start_run``, ``wait``, ``close``)
             wait for the other ranks before raising DistributedError.
+        mirror: A second tier (``s3://bucket/runs/exp1``) for a local ``run_dir``: each committed
+            checkpoint is uploaded there in the background; finds and resumes take the newer tier
+            (:mod:`bgsave.mirror`, :mod:`bgsave.tiers`). ``mirror_storage_options``: its fsspec options.
+        mirror_every_n: Upload every N-th committed checkpoint (the first always goes).
+        mirror_keep_last, mirror_keep_best: The mirror's own retention, as ``keep_last`` /
+            ``keep_best`` are the local tier's (None: the mirror keeps everything).
+        max_concurrency: Parts in flight per object-store upload or read (memory: that many 8 MiB parts).
 
     Example:
         >>> with CheckpointManager("runs/exp1", "exp1") as mgr:  # doctest: +SKIP
@@ -104,6 +109,12 @@ class CheckpointManager(Finding):
         resume: str = "broadcast",
         collective_timeout_s: float = 1800.0,
         sharding: str = "full",
+        mirror: str | os.PathLike[str] | None = None,
+        mirror_storage_options: Mapping[str, Any] | None = None,
+        mirror_every_n: int = 1,
+        mirror_keep_last: int | None = None,
+        mirror_keep_best: int = 0,
+        max_concurrency: int = 8,
     ) -> None:
         self._run_name = sidecar_schema.validate_run_name(run_name)
         check_bool("background", background)
@@ -116,17 +127,34 @@ class CheckpointManager(Finding):
         if wandb_run is not None:
             bgsave_wandb.validate_run(wandb_run)
         check_choice("sharding", sharding, SHARDING_MODES)
-        self._storage = storage = open_storage(run_dir, storage_options, retry=retry)
+        self._storage = storage = open_storage(run_dir, storage_options, retry=retry, max_concurrency=max_concurrency)
         if sharding == "dcp" and not isinstance(storage, LocalStorage):
             raise InvalidArgumentError(f"sharding='dcp' needs a local (or shared-filesystem) run_dir, got {run_dir!s}")
+        self._catalog = Catalog(storage, storage.join(layout.CHECKPOINTS))
+        self._mirror = open_mirror(
+            mirror,
+            mirror_storage_options,
+            local=self._catalog,
+            run_name=self._run_name,
+            retry=retry,
+            max_concurrency=max_concurrency,
+            every_n=mirror_every_n,
+            keep_last=mirror_keep_last,
+            keep_best=mirror_keep_best,
+            metric=metric,
+            mode=mode,
+            sharding=sharding,
+            report=lambda error: self._worker.report(error),  # noqa: PLW0108 (the worker comes next)
+        )
         self._ranks = Ranks.join(distributed, timeout_s)  # collective: every rank, same order
         storage.check_directory()
+        if self._mirror is not None:
+            self._ranks.everywhere("CheckpointManager(mirror=)", self._mirror.check)
         self._metric, self._mode = metric, mode
-        self._catalog = Catalog(storage, storage.join(layout.CHECKPOINTS))
         self._closed = False
         lock = WriterLock(storage, storage.root, self._run_name)
         self._worker = worker = Worker(
-            background=background, max_pending=max_pending, name=self._run_name, periodic=lock.heartbeat_every
+            background=background, max_pending=max_pending, name=self._run_name, periodic=heartbeats(lock, self._mirror)
         )
         self._writer = Writer(
             self._catalog,
@@ -136,8 +164,9 @@ class CheckpointManager(Finding):
             wandb_run=wandb_run,
             upload=upload,
             in_flight=worker.in_flight,
+            mirror=self._mirror,
         )
-        self._life = Lifecycle(self, worker, self._writer.pool, lock, self._catalog)
+        self._life = Lifecycle(self, worker, self._writer.pool, lock, self._catalog, mirror=self._mirror)
         self._saving = Saving(
             ranks=self._ranks,
             writer=self._writer,
@@ -274,9 +303,9 @@ class CheckpointManager(Finding):
 
     # ---- waiting and closing --------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> None:
-        """Block until every queued write is durable (under torch.distributed: collective).
+        """Block until every queued write is durable, and uploaded to the mirror (under torch.distributed: collective).
 
-        ``timeout``: seconds at most (None: as long as the writes take).
+        ``timeout``: seconds at most for the writes, and again for the uploads (None: as long as they take).
 
         Raises:
             CheckpointWriteError: for a write that failed (the oldest not yet raised), on every rank.
@@ -288,6 +317,8 @@ class CheckpointManager(Finding):
 
         def flush() -> None:
             self._worker.flush(timeout)
+            if self._mirror is not None:
+                self._mirror.wait(timeout)
             self._worker.raise_errors()
 
         self._saving.shards.wait()  # every rank's DCP save in flight, if any
@@ -336,62 +367,3 @@ class CheckpointManager(Finding):
     def _check_open(self) -> None:
         if self._closed:
             raise ManagerClosedError(f"CheckpointManager for run {self._run_name!r} is closed")
-
-    def start_run(self, make_agent: Callable[[], AgentT], *, map_location: Any = None, rng: bool = False) -> RunStart:
-        """Resume the run where it stopped, or start it with a new agent saved as epoch 0.
-
-        Takes the writer lock first: a duplicate launch gets RunLockedError before it trains. Resumes
-        the newest epoch committed with its trainer state (the newest, in a run that saves none);
-        what it passes over is logged at INFO. ``rng=True``: a new run's epoch 0 records the RNG
-        states right after ``make_agent()``, so a resume from epoch 0 continues the same streams.
-        Under torch.distributed it is collective: rank 0 decides, and every rank gets the same
-        agent and trainer state (``resume=``; a new run's agent is rank 0's ``make_agent()``).
-
-        Example:
-            >>> start = mgr.start_run(Policy, rng=True)  # doctest: +SKIP
-            >>> optimizer = torch.optim.Adam(start.agent.parameters())  # doctest: +SKIP
-            >>> start.restore(optimizer)  # optimizer state and RNG; nothing for a new run  # doctest: +SKIP
-        """
-        if not callable(make_agent):
-            raise InvalidArgumentError(
-                f"make_agent must be a callable returning a new agent, got {type(make_agent).__name__}"
-            )
-        check_bool("rng", rng)
-        self._check_open()
-        run = self._run_name
-        self._saving.gather.use_factory(make_agent)  # a sharded agent's saves are poured into a new one
-
-        def decide() -> tuple[int, bool] | None:  # resume="each_rank": rank 0 picks, every rank loads
-            point = loading.resume_point(self._claimed(), run, map_location)
-            return None if point is None else (point[0].epoch, point[1] is not None)
-
-        start = self._ranks.start(
-            self._resume,
-            start=lambda: self._start(make_agent, map_location, rng),
-            decide=decide,
-            load=lambda epoch, trainer: loading.load_start(self._read(), epoch, run, map_location, trainer),
-            map_location=map_location,
-        )
-        if start.shards is not None or (start.gathered and not self.is_writer):
-            # Restored once sharded (RunStart.restore(model=)): from DCP shards, or from rank 0's state.
-            start = dataclasses.replace(start, agent=make_agent())
-        return start
-
-    def _claimed(self) -> Catalog:
-        """Rank 0 at a start: the writer lock, then the catalog; a failed earlier save is raised (on every rank)."""
-        self._life.claim()
-        catalog = self._read()
-        self._worker.raise_errors()
-        return catalog
-
-    def _start(self, make_agent: Callable[[], Any], map_location: Any, rng: bool) -> RunStart:
-        """Rank 0's (or the one process's) start: the lock, then a resume or a new epoch 0."""
-        started = loading.resume(self._claimed(), self._run_name, map_location)
-        if started is not None and self._ranks.distributed and started.info and started.info.sidecar.get("sharded"):
-            return started.from_rank0()  # the others shard a new agent; restore sends them rank 0's state
-        if started is not None:
-            return started
-        agent = make_agent()
-        trainer = TrainerState(None, 0, 0, self._run_name, rng=True) if rng else None
-        self._saving.submit(self._writer.agent_job(unwrap(agent), 0, self._saving.sidecar(0, None), trainer))
-        return RunStart(agent=agent, epoch=0, agent_step=0, trainer_state=None, resumed=False)

@@ -395,6 +395,10 @@ class Worker:
             error.args = (f"{error.args[0]} (further failed saves, raised at the next calls: epochs {more})",)
         raise error
 
+    def report(self, error: CheckpointError) -> None:
+        """Keep a failure from outside the worker's jobs (the mirror's uploads), raised like theirs."""
+        self._errors.append(error)
+
     def pending_errors(self) -> int:
         """How many failures are kept, not yet raised."""
         return len(self._errors)

@@ -6,7 +6,7 @@ The path of one ``save_agent(agent, epoch=10)``::
     worker's thread     execute   torch.save into model_0010.pt (bgsave.serialize, bgsave.storage),
                                   then model_0010.yaml, the commit marker
                         release   the snapshot's buffers go back to the pool
-    after-commit lane   after     W&B upload (every n-th), then retention prunes
+    after-commit lane   after     W&B upload (every n-th), the mirror told (bgsave.mirror), then retention prunes
 
 Each ``save_*`` becomes one :class:`~bgsave.jobs.Job` built here, whole; the worker
 (:mod:`bgsave.worker`) runs it. A re-save of an epoch removes the old sidecar only once the new
@@ -27,6 +27,7 @@ from bgsave import wandb as bgsave_wandb
 from bgsave.catalog import Catalog
 from bgsave.errors import CheckpointNotFoundError, CheckpointWriteError, InvalidArgumentError
 from bgsave.jobs import Job
+from bgsave.mirror import Mirror
 from bgsave.policies import EveryNth, RetentionPolicy
 from bgsave.serialize import torch_writer
 from bgsave.snapshot import NotPicklableError, Snapshot, SnapshotPool
@@ -51,6 +52,7 @@ class Writer:
         wandb_run: A W&B run to log committed checkpoints to, or None.
         upload: Which committed checkpoints go to W&B.
         in_flight: Epochs still queued or being written (retention never prunes them).
+        mirror: The mirror, told of each commit (:mod:`bgsave.mirror`), or None.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Writer:
         wandb_run: Any,
         upload: EveryNth,
         in_flight: Callable[[], frozenset[int]],
+        mirror: Mirror | None = None,
     ) -> None:
         self._catalog = catalog
         self._storage = catalog.storage
@@ -72,6 +75,7 @@ class Writer:
         self._wandb_run = wandb_run
         self._upload = upload
         self._in_flight = in_flight
+        self._mirror = mirror
         self._committed = 0  # checkpoints committed by this writer; touched only by the after-lane
         # The epochs of the last agent and the last lone trainer state submitted (the caller's thread):
         # how a trainer state saved by its own call is paired with its agent's.
@@ -136,6 +140,7 @@ class Writer:
             prepare=prepare,
             execute=lambda payload: self._write_torch(path, payload[0]),
             release=self._release,
+            after=lambda: self._changed(epoch),
         )
 
     def shards_job(
@@ -195,7 +200,15 @@ class Writer:
             self._catalog.wrote(epoch, sidecar, len(data))
             return size
 
-        return Job(kind="metadata", epoch=epoch, path=shown, prepare=lambda: None, execute=execute, needs_slot=False)
+        return Job(
+            kind="metadata",
+            epoch=epoch,
+            path=shown,
+            prepare=lambda: None,
+            execute=execute,
+            after=lambda: self._changed(epoch),
+            needs_slot=False,
+        )
 
     # ---- the steps ------------------------------------------------------------------------------
     def _snapshot(self, kind: str, epoch: int, shown: str, value: Callable[[], object]) -> Snapshot:
@@ -291,6 +304,11 @@ class Writer:
                 self._storage.display(self._catalog.directory),
             )
 
+    def _changed(self, epoch: int) -> None:
+        """After a lone trainer state or a sidecar edit: the mirror re-syncs the epoch if it has it."""
+        if self._mirror is not None:
+            self._mirror.changed(epoch)
+
     def _after_commit(self, epoch: int, shown: str, sidecar: Mapping[str, Any], *, upload: bool = True) -> None:
         """In the worker's second lane once epoch committed: the W&B upload (of a ``.pt``), then retention."""
         index, self._committed = self._committed, self._committed + 1
@@ -312,8 +330,10 @@ class Writer:
                 wait=prunes and not offline,
                 copy=prunes and offline,
             )
-        if prunes:
-            protect = {epoch, *self._in_flight()}
+        if self._mirror is not None:
+            self._mirror.committed(epoch)
+        if prunes:  # never what the mirror still has to upload (bgsave.mirror)
+            protect = {epoch, *self._in_flight(), *(self._mirror.unmirrored() if self._mirror else ())}
             doomed = self._retention.to_delete(self._catalog.committed(), protect=protect)
             if doomed:
                 self._catalog.remove(doomed)

@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", parents=[common], help="table of checkpoints, committed or not")
     ls.add_argument("run_dir", metavar="RUN_DIR", help=run_dir_help)
+    ls.add_argument("--mirror", metavar="URL", help="also list the run's mirror (CheckpointManager(mirror=URL))")
     ls.set_defaults(run=commands.ls)
 
     latest = sub.add_parser("latest", parents=[common], help="path of the newest committed checkpoint")

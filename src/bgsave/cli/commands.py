@@ -88,12 +88,37 @@ def _info_record(run: _Run, info: CheckpointInfo) -> dict[str, Any]:
 
 
 # ---- ls -----------------------------------------------------------------------------------------
-def ls(args: argparse.Namespace) -> None:
-    """A table (or JSON array) of every checkpoint, committed or not, and the trainer state."""
-    run = _open_run(args)
+def _tiers(run: _Run, args: argparse.Namespace) -> tuple[list[Entry], dict[int, str]]:
+    """The entries of RUN_DIR, merged with the mirror's (``--mirror URL``), and which tiers commit each."""
     entries = run.catalog.entries()
+    if not getattr(args, "mirror", None):
+        return entries, {}
+    storage = _open(args.mirror, args)
+    local = {entry.epoch: entry for entry in entries}
+    mirrored = {entry.epoch: entry for entry in Catalog(storage, storage.join(layout.CHECKPOINTS)).entries()}
+    merged = [
+        local[e] if e in local and (local[e].info or e not in mirrored) else mirrored[e]
+        for e in sorted(local | mirrored)
+    ]
+    where = {
+        entry.epoch: "+".join(
+            name for name, tier in (("local", local), ("mirror", mirrored)) if (t := tier.get(entry.epoch)) and t.info
+        )
+        or "-"
+        for entry in merged
+    }
+    return merged, where
+
+
+def ls(args: argparse.Namespace) -> None:
+    """A table (or JSON array) of every checkpoint, committed or not, and trainer states; ``--mirror``: both tiers."""
+    run = _open_run(args)
+    entries, tiers = _tiers(run, args)
     if args.json:
-        output.print_json([_entry_record(entry) for entry in entries])
+        records = [_entry_record(entry) for entry in entries]
+        for record, entry in zip(records, entries, strict=True) if tiers else ():
+            record["local"], record["mirrored"] = "local" in tiers[entry.epoch], "mirror" in tiers[entry.epoch]
+        output.print_json(records)
         return
     now = time.time()
     rows = []
@@ -116,6 +141,7 @@ def ls(args: argparse.Namespace) -> None:
                 output.fmt_size(entry.pt.size if entry.pt else 0),
                 output.fmt_age(entry.pt.mtime if entry.pt else None, now),
                 "yes" if info else "no*" if odd else "no",
+                *([tiers[entry.epoch]] if tiers else []),
             ]
         )
     if not entries:
@@ -135,7 +161,8 @@ def ls(args: argparse.Namespace) -> None:
             f"trainer state of an older bgsave: {layout.TRAINER_STATE}, {output.fmt_size(legacy.size)}, "
             f"{output.fmt_age(legacy.mtime, now)} old (epoch not shown: listing never unpickles)"
         )
-    output.print_table(run.shown, _LS_HEADERS, rows, notes, right=range(7))
+    headers = [*_LS_HEADERS, "tiers"] if tiers else _LS_HEADERS
+    output.print_table(run.shown, headers, rows, notes, right=range(7))
 
 
 # ---- latest, best -------------------------------------------------------------------------------

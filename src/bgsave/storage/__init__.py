@@ -7,7 +7,8 @@ the filesystem's type (as fsspec's ``implementations/``):
 * :mod:`~bgsave.storage.local`: local disk. Temp file in the target's directory, fsync, rename,
   fsync of the directory; large checkpoints past the page cache (:mod:`~bgsave.storage.diskfile`).
 * :mod:`~bgsave.storage.object_store`: ``s3://``, ``gs://``... One multipart upload, completed
-  only once the writer returned: all-or-nothing, aborted on any error.
+  only once the writer returned: all-or-nothing, aborted on any error. On S3 the parts go out
+  several at once and large reads fetch ranges in parallel (:mod:`~bgsave.storage.parts`).
 * :mod:`~bgsave.storage.piped`: anything else (``memory://``): serialized in memory, one ``pipe_file``.
 
 Atomicity is per file. A checkpoint is two files, so the writer orders them: the ``.pt`` first, then
@@ -25,7 +26,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from bgsave.errors import InvalidArgumentError
+from bgsave.errors import InvalidArgumentError, check_int
 from bgsave.storage.base import FileFacts, Reader, Storage, Writer
 from bgsave.storage.local import LocalStorage
 from bgsave.storage.object_store import OBJECT_STORES, ObjectStorage
@@ -36,7 +37,11 @@ __all__ = ("FileFacts", "Reader", "RetryPolicy", "Storage", "Writer", "is_transi
 
 
 def open_storage(
-    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *, retry: RetryPolicy | None = None
+    url: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    retry: RetryPolicy | None = None,
+    max_concurrency: int = 8,
 ) -> Storage:
     """The storage of a local path, ``file://…`` or any fsspec URL (``s3://bucket/prefix``, ``memory://…``).
 
@@ -45,10 +50,15 @@ def open_storage(
         storage_options: Passed to the fsspec filesystem (endpoint, credentials, ...).
         retry: How transient errors are retried; None for 3 attempts in all, waiting 0.5 to 1 s,
             then 1 to 2 s.
+        max_concurrency: Requests in flight at once for one file on S3: the parts of an upload
+            (memory: up to ``max_concurrency + 1`` parts of 8 MiB) and the ranges of a read (16 MiB
+            each). Beyond botocore's connection pool (``max_pool_connections``, 10 by default) more
+            only queue. Other backends ignore it.
 
     Raises:
         InvalidArgumentError: the URL's protocol is unknown to fsspec or its extra is not installed,
-            ``storage_options`` is not a mapping of str keys, or ``retry`` is not a :class:`RetryPolicy`.
+            ``storage_options`` is not a mapping of str keys, ``retry`` is not a :class:`RetryPolicy`,
+            or ``max_concurrency`` is not an int >= 1.
 
     Example:
         >>> storage = open_storage("s3://bucket/runs/exp1", {"anon": False})  # doctest: +SKIP
@@ -57,6 +67,7 @@ def open_storage(
         raise InvalidArgumentError(f"run_dir must be a path or URL string, got {type(url).__name__}")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise InvalidArgumentError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+    check_int("max_concurrency", max_concurrency, 1)
     if storage_options is not None and not isinstance(storage_options, Mapping):
         raise InvalidArgumentError(f"storage_options must be a mapping or None, got {type(storage_options).__name__}")
     url = os.fspath(url)
@@ -78,8 +89,8 @@ def open_storage(
         raise InvalidArgumentError(f"storage_options not accepted by the filesystem: {exc}") from exc
     policy = retry if retry is not None else DEFAULT_RETRY
     if isinstance(fs, LocalFileSystem):
-        return LocalStorage(fs, root, policy)
+        return LocalStorage(fs, root, policy, max_concurrency)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if OBJECT_STORES & set(protocols):
-        return ObjectStorage(fs, root, policy)
-    return PipedStorage(fs, root, policy)
+        return ObjectStorage(fs, root, policy, max_concurrency)
+    return PipedStorage(fs, root, policy, max_concurrency)

@@ -24,7 +24,16 @@ from typing import IO, Any, TypeVar, cast
 
 from bgsave.errors import InvalidArgumentError, check_int
 
-__all__ = ("DEFAULT_RETRY", "Attempt", "RetryPolicy", "describe", "final_error", "is_transient", "run_with_retries")
+__all__ = (
+    "DEFAULT_RETRY",
+    "Attempt",
+    "RetriesExhaustedError",
+    "RetryPolicy",
+    "describe",
+    "final_error",
+    "is_transient",
+    "run_with_retries",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +194,24 @@ def final_error(exc: BaseException, what: str, shown: str, attempts: int, transi
     return kind(message)
 
 
+class RetriesExhaustedError(Exception):
+    """A piece of an operation (one part of an upload) failed transiently on every attempt of its own.
+
+    The piece was retried alone, with the same policy, so :func:`run_with_retries` ends with it at once
+    instead of retrying the whole operation: otherwise the attempts would multiply (3 x 3 uploads of
+    one part, and every other part sent again). The final error is built from :attr:`error`.
+
+    Attributes:
+        error: The last attempt's error.
+        attempts: How many attempts the piece had.
+    """
+
+    def __init__(self, error: Exception, attempts: int) -> None:
+        super().__init__(f"{describe(error)} (after {attempts} attempts)")
+        self.error = error
+        self.attempts = attempts
+
+
 # ---- the retry loop --------------------------------------------------------------------------
 # Writes are passed on in pieces of at most this size: torch.save writes each tensor in one call, and
 # s3fs would otherwise buffer (and copy) a 1 GB tensor whole before sending it as one part.
@@ -277,6 +304,7 @@ def run_with_retries(policy: RetryPolicy, what: str, shown: str, operation: Call
 
     An error raised by caller code inside the operation (see :meth:`Attempt.call`) propagates as it
     is, unless a storage error passed through the guarded file first: that one is judged instead.
+    :class:`RetriesExhaustedError` (a piece already retried to the end) is final.
     """
     attempt = Attempt(number=1)
     while True:
@@ -289,6 +317,8 @@ def run_with_retries(policy: RetryPolicy, what: str, shown: str, operation: Call
                 if storage_error is None:
                     raise  # the caller's own error: not ours to retry or rename
                 error = storage_error
+            if isinstance(error, RetriesExhaustedError):
+                raise final_error(error.error, what, shown, error.attempts, True) from error.error
             transient = is_transient(error)
             if not transient or attempt.number >= policy.attempts:
                 raise final_error(error, what, shown, attempt.number, transient) from error

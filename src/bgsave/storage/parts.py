@@ -1,0 +1,340 @@
+"""Parallel multipart uploads and ranged reads for S3 (s3fs), on s3fs's own event loop.
+
+Writing. The caller's writer (``torch.save``) writes into a :class:`PartWriter`, which buffers the
+bytes into parts of :data:`PART_SIZE` (doubled every 1,000 parts: :func:`part_size`). A full part
+is sent as soon as the next byte arrives, as one ``upload_part`` coroutine run on s3fs's loop, while
+the writer goes on; at most ``max_concurrency`` parts are in flight, and the writer waits on the
+oldest when that many are, so memory stays at most ``max_concurrency + 1`` parts (8 MiB each up to
+8 GB). The multipart upload is created when the first part is full;
+an object of at most one part is one ``put_object`` after the writer returned (atomic by itself).
+The upload is completed (``complete_multipart_upload`` with the parts' ETags in order) only once the
+writer returned and every part was acknowledged, right after ``before_commit``: until then nothing
+is visible. On any error (the writer raised, a part failed, a ``KeyboardInterrupt``) the parts in
+flight are let finish their current request, without further attempts, and the upload is aborted
+(retried on transient errors; an abort that still fails is logged): nothing visible, nothing billed.
+
+Retries. A part that fails transiently is retried alone, with the storage's :class:`RetryPolicy`
+(logged at WARNING with the URL, the part and the attempt). A part that fails permanently fails the
+write as any storage error does; one that used up its attempts raises :class:`RetriesExhaustedError`,
+which the whole-file loop (:func:`~bgsave.storage.retry.run_with_retries`) treats as final, so the
+attempts do not multiply. Creating and completing the upload are not retried here: a failure there
+restarts the whole file in that loop, as before (a completion whose answer was lost is safe to
+redo; one retried alone would meet ``NoSuchUpload``).
+
+Reading large objects in parallel ranged GETs is :mod:`~bgsave.storage.ranges`; it shares
+:class:`Target` (one object, with the retry of one request) from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar, cast
+
+import fsspec.asyn
+
+from bgsave.storage.retry import Attempt, RetriesExhaustedError, RetryPolicy, describe, is_transient
+
+__all__ = (
+    "PART_SIZE",
+    "MultipartUpload",
+    "PartWriter",
+    "Target",
+    "expired",
+    "part_size",
+    "supported",
+    "upload_local",
+    "write_object",
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Bytes per uploaded part, to begin with (boto3's default).
+PART_SIZE = 8 * 2**20
+_MAX_PARTS = 10_000  # S3's limit per upload
+
+
+def part_size(sent: int) -> int:
+    """The size of a streamed upload's next part, after ``sent`` parts: 8 MiB, doubled every 1,000 parts.
+
+    A stream's length is unknown in advance, and S3 allows 10,000 parts: at a fixed 8 MiB that caps an
+    object at 78 GiB; growing, 8 GB goes in 8 MiB parts and S3's 5 TB limit stays reachable.
+    """
+    return PART_SIZE << min(sent // 1000, 9)
+
+
+def supported(fs: Any) -> bool:
+    """Whether ``fs`` is an s3fs filesystem, whose requests this module sends itself."""
+    return hasattr(fs, "_call_s3")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One object, and how to reach it: the bucket and key, the URL for messages, retries, parallelism."""
+
+    fs: Any
+    bucket: str
+    key: str
+    shown: str
+    policy: RetryPolicy
+    concurrency: int
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        """One request on s3fs's loop, waited for."""
+        return fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, method, Bucket=self.bucket, Key=self.key, **kwargs)
+
+    def submit(self, coroutine: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start ``coroutine`` on s3fs's loop without waiting."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.fs.loop)  # type: ignore[arg-type]
+
+    async def retried(self, label: str, call: Callable[[], Awaitable[T]], stop: asyncio.Event | None = None) -> T:
+        """``call()`` until it succeeds, fails permanently or used the policy's attempts (RetriesExhaustedError)."""
+        for attempt in itertools.count(1):
+            try:
+                return await call()
+            except Exception as exc:
+                if (stop is not None and stop.is_set()) or not is_transient(exc) or expired(exc):
+                    raise
+                if attempt >= self.policy.attempts:
+                    raise RetriesExhaustedError(exc, attempt) from exc
+                delay = self.policy.delay(attempt)
+                logger.warning(
+                    "%s %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                    label,
+                    self.shown,
+                    attempt,
+                    self.policy.attempts,
+                    delay,
+                    describe(exc),
+                )
+                if stop is None:
+                    await asyncio.sleep(delay)
+                else:  # a failed write stops waiting at once
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    if stop.is_set():
+                        raise
+        raise AssertionError("unreachable")
+
+
+def expired(exc: BaseException) -> bool:
+    """Whether ``exc`` says the object changed since the HEAD (its ETag no longer matches)."""
+    error: BaseException | None = exc
+    while error is not None:
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and (
+            response.get("Error", {}).get("Code") == "PreconditionFailed"
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+        ):
+            return True
+        error = error.__cause__
+    return False
+
+
+# ---- writing ----------------------------------------------------------------------------------
+class MultipartUpload:
+    """The parts of one object in flight; :meth:`finish` commits, :meth:`abort` leaves nothing."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.upload_id: str | None = None
+        self._done: list[dict[str, Any]] = []  # acknowledged parts, in order
+        self._pending: deque[tuple[int, concurrent.futures.Future[str]]] = deque()
+        self._stop = asyncio.Event()  # set on s3fs's loop when the write failed
+
+    def send(self, data: bytes | bytearray) -> None:
+        """Send the next part (not the last); waits while ``concurrency`` parts are in flight."""
+        self._raise_failed()
+        if self.upload_id is None:
+            self.upload_id = str(self.target.call("create_multipart_upload")["UploadId"])
+        while len(self._pending) >= self.target.concurrency:
+            self._settle_oldest()
+        number = len(self._done) + len(self._pending) + 1
+        self._pending.append((number, self.target.submit(self._part(number, bytes(data)))))
+
+    async def _part(self, number: int, data: bytes) -> str:
+        async def upload() -> Any:
+            return await self.target.fs._call_s3(
+                "upload_part",
+                Bucket=self.target.bucket,
+                Key=self.target.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=io.BytesIO(data),  # a stream: aiohttp refuses large raw bytes; shared, not copied
+            )
+
+        response = await self.target.retried(f"writing part {number} of", upload, self._stop)
+        return str(response["ETag"])
+
+    def _raise_failed(self) -> None:
+        """Raise the error of any part already failed (not only the oldest: fail fast)."""
+        for _, future in self._pending:
+            if future.done() and future.exception() is not None:
+                future.result()
+
+    def _settle_oldest(self) -> None:
+        number, future = self._pending[0]
+        etag = future.result()
+        self._pending.popleft()
+        self._done.append({"PartNumber": number, "ETag": etag})
+
+    def finish(self, last: bytes | bytearray, before_commit: Callable[[], None] | None) -> None:
+        """Send ``last``, wait for every part, run ``before_commit``, then make the object visible."""
+        if self.upload_id is None:  # at most one part: one PUT
+            if before_commit is not None:
+                before_commit()
+            self.target.call("put_object", Body=io.BytesIO(bytes(last)))
+        else:
+            if last:
+                self.send(last)
+            while self._pending:
+                self._settle_oldest()
+            if before_commit is not None:
+                before_commit()
+            self.target.call(
+                "complete_multipart_upload", UploadId=self.upload_id, MultipartUpload={"Parts": self._done}
+            )
+            self.upload_id = None
+        self.target.fs.invalidate_cache(f"{self.target.bucket}/{self.target.key}")
+
+    def abort(self) -> None:
+        """Stop retrying, let the requests in flight end, abort the upload; never raises (failures are logged)."""
+        self.target.fs.loop.call_soon_threadsafe(self._stop.set)
+        # Not cancelled: a part still being received when the upload is aborted could survive it.
+        concurrent.futures.wait([future for _, future in self._pending])
+        self._pending.clear()
+        if self.upload_id is None:
+            return
+        policy = self.target.policy
+        for number in range(1, policy.attempts + 1):
+            try:
+                self.target.call("abort_multipart_upload", UploadId=self.upload_id)
+                return
+            except FileNotFoundError:  # NoSuchUpload: already gone
+                return
+            except Exception as exc:
+                if not is_transient(exc) or number == policy.attempts:
+                    logger.warning(
+                        "could not abort the unfinished upload of %s (%s); it may remain until the "
+                        "bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it",
+                        self.target.shown,
+                        describe(exc),
+                    )
+                    return
+                fsspec.asyn.sync(self.target.fs.loop, asyncio.sleep, policy.delay(number))
+
+
+class PartWriter(io.RawIOBase):
+    """The write-only, non-seekable file a writer gets: its bytes go out as the parts of an upload."""
+
+    def __init__(self, upload: MultipartUpload) -> None:
+        super().__init__()
+        self._upload = upload
+        self._buffer = bytearray()
+        self._written = 0
+        self._parts = 0
+        self._error: BaseException | None = None
+
+    def writable(self) -> bool:
+        """True."""
+        return True
+
+    def seekable(self) -> bool:
+        """False: parts already sent cannot be rewritten (torch.save needs no seek)."""
+        return False
+
+    def tell(self) -> int:
+        """Bytes written so far."""
+        return self._written
+
+    def write(self, data: Any) -> int:
+        """Buffer ``data``, sending each part once it is full; raises a failed part's error."""
+        if self._error is not None:  # torch writes its archive's end even after a failed write
+            raise self._error
+        view = memoryview(data).cast("B")
+        start = 0
+        try:
+            while start < len(view):
+                size = part_size(self._parts)
+                if len(self._buffer) == size:  # full, and more is coming: not the last part
+                    part, self._buffer = self._buffer, bytearray()
+                    self._upload.send(part)
+                    self._parts += 1
+                    size = part_size(self._parts)
+                take = min(size - len(self._buffer), len(view) - start)
+                self._buffer += view[start : start + take]
+                start += take
+        except BaseException as exc:
+            self._error = exc
+            raise
+        self._written += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        """Nothing: parts go out when they are full, the last at commit."""
+
+    def take_last(self) -> bytearray:
+        """The buffered bytes, which are the last part."""
+        last, self._buffer = self._buffer, bytearray()
+        return last
+
+
+def write_object(
+    target: Target, attempt: Attempt, write: Callable[[IO[bytes]], None], before_commit: Callable[[], None] | None
+) -> int:
+    """One attempt of ``write_atomic``: ``write`` into a :class:`PartWriter`, then commit; returns the size."""
+    upload = MultipartUpload(target)
+    f = PartWriter(upload)
+    try:
+        attempt.call(cast(IO[bytes], f), write)
+        upload.finish(f.take_last(), before_commit)
+    except BaseException:
+        upload.abort()
+        raise
+    finally:
+        f.close()
+    return f.tell()
+
+
+def upload_local(target: Target, local_path: str) -> int:
+    """Upload a local file as ``target``, read in parts (``os.pread``) of PART_SIZE or more; returns its size."""
+    upload = MultipartUpload(target)
+    fd = os.open(local_path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        piece = max(PART_SIZE, -(-size // _MAX_PARTS // 2**20) * 2**20)  # whole MiB, within 10,000 parts
+        offsets = range(0, max(size, 1), piece)
+        for offset in offsets:
+            data = _pread_full(fd, min(piece, size - offset), offset, local_path)
+            if offset == offsets[-1]:
+                upload.finish(data, None)
+            else:
+                upload.send(data)
+    except BaseException:
+        upload.abort()
+        raise
+    finally:
+        os.close(fd)
+    return size
+
+
+def _pread_full(fd: int, length: int, offset: int, local_path: str) -> bytes:
+    pieces = []
+    while length > 0:
+        piece = os.pread(fd, length, offset)
+        if not piece:
+            raise OSError(f"{local_path} shrank while being uploaded")
+        pieces.append(piece)
+        length -= len(piece)
+        offset += len(piece)
+    return b"".join(pieces) if len(pieces) != 1 else pieces[0]
