@@ -101,6 +101,39 @@ def test_the_s3_benchmark_runs(tmp_path: Path) -> None:
         assert 0 < result[key] < 60, key
 
 
+@pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="moto (the dev extra) is not installed")
+def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
+    """bench_mirror.py at 8 MiB, one round, moto in its own process: every upload and load, the proxy's cap held."""
+    out = tmp_path / "mirror.json"
+    args = ("--sizes", "8", "--proxy-sizes", "8", "--repeats", "1", "--proxy-check-mb", "4")
+    run("bench_mirror.py", *args, "--dir", str(tmp_path), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["errors"] == []
+    assert report["git_sha"] and report["machine"]["logical_cpus"] >= 1
+    check = report["proxy_check"]
+    for direction in ("up", "down"):  # a cap is a ceiling: bursts and socket buffers give a few percent
+        assert 0 < check[f"{direction}_bytes_per_s"] <= 1.3 * check["cap_bytes_per_s"], check
+    mirror, concurrency = report["features"]["mirror"], report["features"]["max_concurrency"]
+    row = report["results"]["8"]
+    uploads = {"transfer_manager", "direct_s3", "s3fs_put"} | ({"mirror_upload"} if mirror else set())
+    loads = {"download_torch_load", "load_agent_s3", "load_checkpoint"} | ({"load_agent_mirror"} if mirror else set())
+    for group, names in (("uploads", uploads), ("loads", loads)):
+        assert set(row[group]) == names
+        for name in names:
+            assert 0 < row[group][name]["median_s"] < 60, name
+    assert row["memory"]["expected_extra_bytes"] > 0
+    assert all("tracemalloc_peak_bytes" in sample for sample in row["memory"]["samples"].values())
+    proxied = report["proxy"]["8"]["methods"]
+    expected = {"transfer_manager_c10", "transfer_manager_c1"}
+    expected |= {"direct_s3_c8", "direct_s3_c1"} if concurrency else set()
+    expected |= {"mirror_upload_c8", "mirror_upload_c1"} if concurrency and mirror else set()
+    assert set(proxied) == expected
+    assert all(method["samples"][0]["proxy"]["up_bytes"] > 8 * 2**20 for method in proxied.values())
+    assert {t["status"] for t in report["targets"]} <= {"PASS", "MISS", "SKIP"}
+    assert len({t["target"] for t in report["targets"]}) == 6
+    assert list(tmp_path.glob("bench-mirror-*")) == []
+
+
 def test_the_gpu_benchmark_runs_its_cpu_dry_run(tmp_path: Path) -> None:
     """bench_gpu.py with --device cpu (CI has no GPU): every figure measured and written, the scratch dir gone."""
     out = tmp_path / "gpu.json"

@@ -303,3 +303,25 @@ def test_the_cli_lists_both_tiers(
     assert bgsave.cli.main(["ls", local_run_dir, "--mirror", mirror]) == 0
     table = capsys.readouterr().out
     assert "tiers" in table and "local+mirror" in table
+
+
+def test_a_late_score_for_an_epoch_an_earlier_manager_mirrored_sends_only_the_sidecar(
+    local_run_dir: str, mirror: str
+) -> None:
+    """update_metadata in a new process: the mirror's sidecar gets the score; the .pt is not uploaded again."""
+    with CheckpointManager(local_run_dir, "exp", mirror=mirror) as mgr:
+        mgr.save_agent(Agent(), 3)
+    with CheckpointManager(local_run_dir, "exp", mirror=mirror) as mgr:
+        storage = mgr._mirror.storage  # type: ignore[union-attr]
+        real, sent = storage.upload_file, []
+
+        def recording(local_path: str, path: str) -> int:
+            sent.append(path)
+            return real(local_path, path)
+
+        storage.upload_file = recording  # type: ignore[method-assign]
+        mgr.update_metadata(3, score=0.5)
+        mgr.wait()
+    assert sent == []
+    fs, path = fsspec.core.url_to_fs(mirror)
+    assert b"score: 0.5" in fs.cat_file(path + "/checkpoints/model_0003.yaml")

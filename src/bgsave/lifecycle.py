@@ -178,6 +178,8 @@ class Lifecycle:
             raise
         except BaseException:
             self._lock.release()  # a dead worker writes nothing more
+            if self._mirror is not None:
+                self._mirror.close(timeout)  # what it did commit still goes up
             raise
         else:
             self._save_index()

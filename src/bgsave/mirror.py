@@ -8,11 +8,10 @@
                        re-save), model_N.pt and trainer_N.pt uploaded from the local files (parallel
                        parts), the sidecar last; then the mirror's retention (sidecar first)
 
-The mirror is a run directory of its own (same layout, same writer lock), so every reader of
-bgsave's reads it as it reads a local one. A checkpoint due for the mirror stays protected from
-local retention until its mirrored sidecar exists (:meth:`Mirror.unmirrored`). A lone trainer state
-or a sidecar edit of an epoch already mirrored is re-synced: only the files whose local copy changed
-go again. If uploads fall behind, a newly committed epoch supersedes the queued older ones the
+The mirror is a run directory of its own (same layout, same writer lock): bgsave reads it as any.
+A checkpoint due for the mirror is kept by local retention until its mirrored sidecar exists
+(:meth:`Mirror.unmirrored`). A lone trainer state or a sidecar edit of a mirrored epoch is re-synced
+(only the changed files). If uploads fall behind, a newly committed epoch supersedes the queued older ones the
 mirror's retention would not keep (one WARNING); with a mirror that keeps everything, nothing is
 skipped and the backlog is reported once. A final failure is a :class:`~bgsave.errors.MirrorError`
 naming the URL and epoch, raised at the caller's next ``save_*`` / ``wait()`` / ``close()``; the
@@ -175,12 +174,23 @@ class Mirror:
         if skipped or (backlog >= _BACKLOG_WARNING and self._retention.keeps_everything):
             self._warn_once(epoch, skipped, backlog)
 
-    def changed(self, epoch: int) -> None:
-        """Epoch's trainer state or sidecar changed locally: re-synced if it is (being) mirrored."""
+    def changed(self, epoch: int, name: str) -> None:
+        """Epoch's ``name`` (trainer state, sidecar) changed locally: re-synced if the mirror has the epoch."""
         with self._cond:
-            if epoch in self._sent or epoch == self._uploading:
-                self._pending.add(epoch)
-                self._start()
+            if epoch in self._pending:
+                return  # its upload has not started: it takes the file as it is
+            known = epoch in self._sent or epoch == self._uploading
+        if not known:  # mirrored by an earlier manager, if at all: only this file goes again
+            if self.catalog.get(epoch) is None:
+                return
+            files = self._local.storage.list_files(self._local.directory)
+            names = [layout.checkpoint_name(epoch, layout.PT), layout.checkpoint_name(epoch, layout.YAML)]
+            names.append(layout.trainer_name(epoch))
+            with self._cond:
+                self._sent.setdefault(epoch, {n: files[n].tag for n in names if n in files and n != name})
+        with self._cond:
+            self._pending.add(epoch)
+            self._start()
 
     def _superseded(self, epoch: int, older: set[int]) -> set[int]:
         """The queued epochs older than ``epoch`` that the mirror's retention would not keep once it is there."""
@@ -304,10 +314,6 @@ class Mirror:
             if not self._cond.wait_for(lambda: not self._pending and self._uploading is None, timeout):
                 raise WorkerTimeoutError(f"{self._run_name}: uploads to {self.url} did not finish within {timeout}s")
 
-    def heartbeat(self) -> None:
-        """Refresh the mirror lock's heartbeat (the worker's periodic task)."""
-        self.lock.heartbeat()
-
     def close(self, timeout: float | None = None) -> None:
         """Wait for the queued uploads, stop the uploader, release the mirror's lock. Idempotent."""
         try:
@@ -386,6 +392,6 @@ def heartbeats(lock: WriterLock, mirror: Mirror | None) -> tuple[float, Callable
         try:
             beat()
         finally:
-            mirror.heartbeat()
+            mirror.lock.heartbeat()
 
     return seconds, both

@@ -13,20 +13,18 @@ The flow of one save::
                                                                       give the slot back
 
 The slot is taken *before* the snapshot, so memory stays bounded by ``max_pending + 1`` snapshots
-(:mod:`bgsave.backpressure`, which also decides when a wait for a slot is worth a WARNING). The
-worker is in one :class:`State` at a time: inline (no loop), running, dead (the loop ended
-unexpectedly), closed.
+(:mod:`bgsave.backpressure`, which also decides when a wait is worth a WARNING). A worker is inline
+(no loop), running, dead (its loop ended unexpectedly) or closed (:class:`State`).
 
 Nothing in ``submit`` waits for the event loop: the slots are a condition variable on the caller's
-side, and the job is handed over with the loop's ``call_soon_threadsafe`` (FIFO, so jobs and flush
-markers keep their order). Each round trip through the portal costs a thread wake-up, a few
-milliseconds on busy cores, which is most of what a small model's save would otherwise stall for.
+side, and the job goes over with the loop's ``call_soon_threadsafe`` (FIFO: jobs and flush markers
+keep their order). A portal round trip costs a thread wake-up, a few milliseconds on busy cores.
 
-The event loop runs in anyio's portal thread; the blocking I/O runs in anyio worker threads, so the
-loop stays free to overlap other stages (a remote upload of one checkpoint while the next is
-written). A failure in a job is caught, kept in order, and raised once by :meth:`Worker.raise_errors`
-at the caller's next call. ``flush()`` sends a marker through the same stream and waits for it, so it
-returns when every job queued before it has finished; the owner flushes at interpreter exit (:mod:`bgsave.lifecycle`).
+The loop runs in anyio's portal thread, the blocking I/O in anyio worker threads, so the loop stays
+free to overlap stages (the after-commit step of one checkpoint while the next is written). A job's
+failure is kept in order and raised once by :meth:`Worker.raise_errors` at the caller's next call
+(so is what :meth:`Worker.report` is given: the mirror's). ``flush()`` sends a marker through the
+same stream and waits for it: every job queued before it has finished (also at interpreter exit).
 """
 
 from __future__ import annotations
@@ -101,6 +99,7 @@ class Worker:
         self.name = name
         self.records: collections.deque[SaveRecord] = collections.deque(maxlen=RECORDS_KEPT)
         self._errors: collections.deque[CheckpointError] = collections.deque()
+        self.report: Callable[[CheckpointError], None] = self._errors.append  # a failure from outside: raised alike
         self._in_flight: collections.Counter[int] = collections.Counter()
         self._in_flight_lock = threading.Lock()
         self._advisor = backpressure.Advisor(name, max_pending)
@@ -394,10 +393,6 @@ class Worker:
             more = ", ".join(str(e.epoch) for e in self._errors)
             error.args = (f"{error.args[0]} (further failed saves, raised at the next calls: epochs {more})",)
         raise error
-
-    def report(self, error: CheckpointError) -> None:
-        """Keep a failure from outside the worker's jobs (the mirror's uploads), raised like theirs."""
-        self._errors.append(error)
 
     def pending_errors(self) -> int:
         """How many failures are kept, not yet raised."""

@@ -140,7 +140,7 @@ class Writer:
             prepare=prepare,
             execute=lambda payload: self._write_torch(path, payload[0]),
             release=self._release,
-            after=lambda: self._changed(epoch),
+            after=lambda: self._changed(epoch, layout.trainer_name(epoch)),
         )
 
     def shards_job(
@@ -206,7 +206,7 @@ class Writer:
             path=shown,
             prepare=lambda: None,
             execute=execute,
-            after=lambda: self._changed(epoch),
+            after=lambda: self._changed(epoch, layout.checkpoint_name(epoch, layout.YAML)),
             needs_slot=False,
         )
 
@@ -304,10 +304,10 @@ class Writer:
                 self._storage.display(self._catalog.directory),
             )
 
-    def _changed(self, epoch: int) -> None:
-        """After a lone trainer state or a sidecar edit: the mirror re-syncs the epoch if it has it."""
+    def _changed(self, epoch: int, name: str) -> None:
+        """After a lone trainer state or a sidecar edit (file ``name``): the mirror re-syncs it if it has the epoch."""
         if self._mirror is not None:
-            self._mirror.changed(epoch)
+            self._mirror.changed(epoch, name)
 
     def _after_commit(self, epoch: int, shown: str, sidecar: Mapping[str, Any], *, upload: bool = True) -> None:
         """In the worker's second lane once epoch committed: the W&B upload (of a ``.pt``), then retention."""
