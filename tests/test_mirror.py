@@ -325,3 +325,24 @@ def test_a_late_score_for_an_epoch_an_earlier_manager_mirrored_sends_only_the_si
     assert sent == []
     fs, path = fsspec.core.url_to_fs(mirror)
     assert b"score: 0.5" in fs.cat_file(path + "/checkpoints/model_0003.yaml")
+
+
+def test_a_failed_upload_leaves_nothing_of_its_epoch_in_the_mirror(local_run_dir: str, mirror: str) -> None:
+    """The .pt went up, the trainer state failed: the .pt is removed again; the mirror shows nothing of epoch 2."""
+    mgr = CheckpointManager(local_run_dir, "exp", mirror=mirror, retry=bgsave.RetryPolicy(attempts=1))
+    storage = mgr._mirror.storage  # type: ignore[union-attr]
+    real = storage.upload_file
+
+    def fail_trainer(local_path: str, path: str) -> int:
+        if "trainer_" in path:
+            raise ConnectionResetError("connection reset by peer")
+        return real(local_path, path)
+
+    storage.upload_file = fail_trainer  # type: ignore[method-assign]
+    agent = Agent()
+    mgr.save_at_interval(agent, 2, interval=1, optimizer=make_optimizer(agent))
+    with pytest.raises(MirrorError, match="epoch 2"):
+        mgr.wait()
+    mgr.close()
+    assert mirror_names(mirror) <= {".bgsave-catalog.json"}
+    assert committed(local_names(local_run_dir)) == {2}

@@ -171,10 +171,22 @@ class WriterLock:
             f"{STALE_AFTER:.0f}s: not before {until.isoformat(timespec='seconds')} if it stops now"
         )
 
-    @property
-    def heartbeat_every(self) -> tuple[float, Callable[[], None]]:
-        """How often to call :meth:`heartbeat`, and it: the worker's periodic task."""
-        return STALE_AFTER / 4, self.heartbeat
+    @staticmethod
+    def heartbeats(*locks: WriterLock | None) -> tuple[float, Callable[[], None]]:
+        """The worker's periodic task: how often, and a call refreshing each lock's heartbeat (run, mirror)."""
+        held = [lock for lock in locks if lock is not None]
+
+        def beat() -> None:
+            failed = []
+            for lock in held:  # each one, whatever the others do
+                try:
+                    lock.heartbeat()
+                except Exception as exc:
+                    failed.append(exc)
+            if failed:
+                raise failed[0]
+
+        return STALE_AFTER / 4, beat
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat (called periodically by the worker while the lock is held)."""

@@ -24,7 +24,7 @@ from bgsave.errors import BgsaveError, InvalidArgumentError, ManagerClosedError,
 from bgsave.finding import Finding
 from bgsave.lifecycle import Lifecycle
 from bgsave.lock import WriterLock
-from bgsave.mirror import heartbeats, open_mirror
+from bgsave.mirror import open_mirror
 from bgsave.policies import EveryNth, RetentionPolicy
 from bgsave.preemption import Preemption
 from bgsave.saving import Saving
@@ -154,7 +154,10 @@ class CheckpointManager(Finding, Starting):
         self._closed = False
         lock = WriterLock(storage, storage.root, self._run_name)
         self._worker = worker = Worker(
-            background=background, max_pending=max_pending, name=self._run_name, periodic=heartbeats(lock, self._mirror)
+            background=background,
+            max_pending=max_pending,
+            name=self._run_name,
+            periodic=lock.heartbeats(lock, None if self._mirror is None else self._mirror.lock),
         )
         self._writer = Writer(
             self._catalog,

@@ -40,7 +40,7 @@ from bgsave.storage.local import LocalStorage
 from bgsave.storage.object_store import ObjectStorage
 from bgsave.storage.retry import describe
 
-__all__ = ("Mirror", "heartbeats", "mirror_retention", "open_mirror")
+__all__ = ("Mirror", "mirror_retention", "open_mirror")
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,17 @@ class Mirror:
             self.storage.delete(self.catalog.path_of(yml))
         for name in stale:
             self.storage.delete(self.catalog.path_of(name))
-        for name in changed:
-            self.storage.upload_file(local.path_of(name), self.catalog.path_of(name))
+        try:
+            for name in changed:
+                self.storage.upload_file(local.path_of(name), self.catalog.path_of(name))
+        except BaseException:  # a failed upload leaves nothing of this epoch behind it: no sidecar was written
+            self._sent.pop(epoch, None)
+            for name in changed:
+                try:
+                    self.storage.delete(self.catalog.path_of(name))
+                except Exception as cleanup:
+                    logger.warning("%s: could not remove %s: %s", self.url, name, describe(cleanup))
+            raise
         # A local re-save while this ran replaced files: commit nothing mixed, its own commit re-queues it.
         now = local.storage.list_files(local.directory)
         if any(_moved(files.get(n), now.get(n)) for n in [*data, yml]):
@@ -380,18 +389,3 @@ def open_mirror(
     if isinstance(storage, LocalStorage) and os.path.realpath(storage.root) == os.path.realpath(local.storage.root):
         raise InvalidArgumentError(f"mirror must be another place than run_dir, got {storage.root} for both")
     return Mirror(storage, local, run_name, every_n=due, retention=retention, report=report)
-
-
-def heartbeats(lock: WriterLock, mirror: Mirror | None) -> tuple[float, Callable[[], None]]:
-    """The worker's periodic task: the run directory's lock heartbeat, and the mirror's."""
-    seconds, beat = lock.heartbeat_every
-    if mirror is None:
-        return seconds, beat
-
-    def both() -> None:
-        try:
-            beat()
-        finally:
-            mirror.lock.heartbeat()
-
-    return seconds, both
