@@ -36,7 +36,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-__all__ = ("Rank", "RankFailedError", "digest", "files_under", "free_port", "run")
+__all__ = ("Rank", "RankFailedError", "digest", "files_under", "free_port", "reported", "run")
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 # How much of a failed rank's report a failure shows (its last checks, with their tracebacks).
@@ -106,6 +106,21 @@ def files_under(root: Path) -> list[str]:
     for folder, _, names in os.walk(root):
         out += [Path(folder, name).relative_to(root).as_posix() for name in names]
     return sorted(out)
+
+
+def reported(reports: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """What each rank reported under ``name``; fails the test with a rank's traceback if it raised."""
+    import pytest  # here, not at the top: every spawned rank imports this module
+
+    out = []
+    for rank, report in enumerate(reports):
+        value = report.get(name)
+        if value is None:
+            pytest.fail(f"rank {rank} reported nothing for {name}")
+        if "error" in value:
+            pytest.fail(f"rank {rank} failed in {name}:\n{value['error']}")
+        out.append(value)
+    return out
 
 
 def free_port() -> int:

@@ -489,16 +489,7 @@ class Run:
 
     def of(self, check: Callable[..., Any] | str) -> list[dict[str, Any]]:
         """What each rank reported for ``check``; fails the test with a rank's traceback if it raised."""
-        name = check if isinstance(check, str) else check.__name__
-        out = []
-        for rank, report in enumerate(self.reports):
-            value = report.get(name)
-            if value is None:
-                pytest.fail(f"rank {rank} reported nothing for {name}")
-            if "error" in value:
-                pytest.fail(f"rank {rank} failed in {name}:\n{value['error']}")
-            out.append(value)
-        return out
+        return dist_harness.reported(self.reports, check if isinstance(check, str) else check.__name__)
 
 
 def _spawn(setup: Setup, nprocs: int, checks: tuple[str, ...], victim: int | None) -> Run:

@@ -369,15 +369,7 @@ class Run:
 
     def of(self, name: str) -> list[dict[str, Any]]:
         """What each rank reported under ``name``; fails the test with a rank's traceback if it raised."""
-        out = []
-        for rank, report in enumerate(self.reports):
-            value = report.get(name)
-            if value is None:
-                pytest.fail(f"rank {rank} reported nothing for {name}")
-            if "error" in value:
-                pytest.fail(f"rank {rank} failed in {name}:\n{value['error']}")
-            out.append(value)
-        return out
+        return dist_harness.reported(self.reports, name)
 
 
 @pytest.fixture(scope="module")

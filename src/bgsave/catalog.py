@@ -147,6 +147,10 @@ class Catalog:
         """Epoch's committed checkpoint, or None."""
         return self._one(epoch, self.storage.list_files(self.directory))
 
+    def epochs(self) -> set[int]:
+        """The committed epochs, from one listing alone (names: no sidecar is read)."""
+        return self._listing()[2]
+
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, in epoch order; unreadable sidecars are skipped with a WARNING."""
         files, _, epochs = self._listing()

@@ -140,8 +140,7 @@ class Mirror:
         if debris:
             logger.info("%s: removed %d file(s) a killed upload left: %s", self.url, len(debris), ", ".join(debris))
         newest = max(pts & sidecars, default=-1)
-        local_pts, local_sidecars = layout.epochs_in(self._local.storage.list_files(self._local.directory))
-        missing = {e for e in local_pts & local_sidecars if e > newest}
+        missing = {e for e in self._local.epochs() if e > newest}
         if missing:
             logger.info("%s: queueing %d local checkpoint(s) missing from the mirror", self.url, len(missing))
         with self._cond:
@@ -381,11 +380,7 @@ def open_mirror(
         )
     if sharding != "full":
         raise InvalidArgumentError("mirror= mirrors .pt checkpoints: it needs sharding='full', got 'dcp'")
-    try:
-        storage = open_storage(url, storage_options, retry=retry, max_concurrency=max_concurrency)
-    except InvalidArgumentError as exc:
-        message = str(exc).replace("storage_options", "mirror_storage_options").replace("run_dir", "mirror")
-        raise InvalidArgumentError(message) from exc.__cause__
+    storage = open_storage(url, storage_options, retry=retry, max_concurrency=max_concurrency, argument="mirror")
     if isinstance(storage, LocalStorage) and os.path.realpath(storage.root) == os.path.realpath(local.storage.root):
         raise InvalidArgumentError(f"mirror must be another place than run_dir, got {storage.root} for both")
     return Mirror(storage, local, run_name, every_n=due, retention=retention, report=report)

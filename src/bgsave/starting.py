@@ -35,7 +35,7 @@ AgentT = TypeVar("AgentT")
 
 
 class Starting:
-    """The start of :class:`~bgsave.CheckpointManager`'s run (``_read``, ``_tiers``, ``_check_open``: the manager's)."""
+    """The start of :class:`~bgsave.CheckpointManager`'s run (``_tiers``, ``_check_open``: the manager's)."""
 
     _run_name: str
     _resume: str
@@ -44,9 +44,6 @@ class Starting:
     _writer: Writer
     _worker: Worker
     _life: Lifecycle
-
-    def _read(self) -> Catalog:
-        raise NotImplementedError
 
     def _tiers(self) -> Tiers:
         raise NotImplementedError

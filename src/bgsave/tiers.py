@@ -19,10 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bgsave import layout
 from bgsave.catalog import Catalog, CheckpointInfo
 from bgsave.policies import rank
-from bgsave.storage import FileFacts
 
 __all__ = ("MirrorStatus", "Tiers")
 
@@ -65,11 +63,15 @@ class Tiers:
 
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint of either tier (the local one on a tie)."""
+        return self._latest()[0]
+
+    def _latest(self) -> tuple[CheckpointInfo | None, Catalog]:
+        """The newest committed checkpoint of either tier, and the catalog of the tier it is in."""
         local = self.local.latest()
-        if self.mirror is None:
-            return local
-        mirrored = self.mirror.latest()
-        return mirrored if mirrored is not None and (local is None or mirrored.epoch > local.epoch) else local
+        mirrored = None if self.mirror is None else self.mirror.latest()
+        if self.mirror is not None and _newer(mirrored, local):
+            return mirrored, self.mirror
+        return local, self.local
 
     def best(self, metric: str, mode: str) -> CheckpointInfo | None:
         """The best by ``metric`` of either tier (:func:`bgsave.policies.rank`)."""
@@ -89,27 +91,19 @@ class Tiers:
         if self.mirror is None:
             return self.local
         if epoch is None:
-            latest = self.latest()
-            epoch = None if latest is None else latest.epoch
-        if epoch is None or self.local.get(epoch) is not None or self.mirror.get(epoch) is None:
-            return self.local
-        return self.mirror
+            return self._latest()[1]
+        return self.local if self.local.get(epoch) is not None or self.mirror.get(epoch) is None else self.mirror
 
     def resume_catalog(self) -> Catalog:
         """The tier a resume continues from: the one whose resumable epoch is newer (the local one on a tie)."""
         if self.mirror is None:
             return self.local
-        local, _ = self.local.resumable()
-        mirrored, _ = self.mirror.resumable()
-        if mirrored is not None and (local is None or mirrored.epoch > local.epoch):
-            return self.mirror
-        return self.local
+        return self.mirror if _newer(self.mirror.resumable()[0], self.local.resumable()[0]) else self.local
 
     def status(self, pending: set[int], failed: Mapping[int, str], upload_s: Mapping[int, float]) -> list[MirrorStatus]:
         """Every epoch committed in either tier, in order, with where it stands (one listing of each)."""
         assert self.mirror is not None
-        local = _committed(self.local.storage.list_files(self.local.directory))
-        mirrored = _committed(self.mirror.storage.list_files(self.mirror.directory))
+        local, mirrored = self.local.epochs(), self.mirror.epochs()
         out = []
         for epoch in sorted(local | mirrored):
             state = "pending" if epoch in pending else "failed" if epoch in failed else "mirrored"
@@ -121,6 +115,6 @@ class Tiers:
         return out
 
 
-def _committed(files: Mapping[str, FileFacts]) -> set[int]:
-    pts, sidecars = layout.epochs_in(files)
-    return pts & sidecars
+def _newer(mirrored: CheckpointInfo | None, local: CheckpointInfo | None) -> bool:
+    """Whether the mirror's checkpoint is newer than the local one (the local copy wins a tie)."""
+    return mirrored is not None and (local is None or mirrored.epoch > local.epoch)

@@ -88,25 +88,23 @@ def _info_record(run: _Run, info: CheckpointInfo) -> dict[str, Any]:
 
 
 # ---- ls -----------------------------------------------------------------------------------------
-def _tiers(run: _Run, args: argparse.Namespace) -> tuple[list[Entry], dict[int, str]]:
-    """The entries of RUN_DIR, merged with the mirror's (``--mirror URL``), and which tiers commit each."""
+def _tiers(run: _Run, args: argparse.Namespace) -> tuple[list[Entry], dict[int, tuple[str, ...]]]:
+    """The entries of RUN_DIR, merged with the mirror's (``--mirror URL``), and the tiers that commit each."""
     entries = run.catalog.entries()
     if not getattr(args, "mirror", None):
         return entries, {}
     storage = _open(args.mirror, args)
-    local = {entry.epoch: entry for entry in entries}
-    mirrored = {entry.epoch: entry for entry in Catalog(storage, storage.join(layout.CHECKPOINTS)).entries()}
-    merged = [
-        local[e] if e in local and (local[e].info or e not in mirrored) else mirrored[e]
-        for e in sorted(local | mirrored)
-    ]
+    tiers = {"local": {entry.epoch: entry for entry in entries}}
+    tiers["mirror"] = {entry.epoch: entry for entry in Catalog(storage, storage.join(layout.CHECKPOINTS)).entries()}
     where = {
-        entry.epoch: "+".join(
-            name for name, tier in (("local", local), ("mirror", mirrored)) if (t := tier.get(entry.epoch)) and t.info
-        )
-        or "-"
-        for entry in merged
+        epoch: tuple(name for name, tier in tiers.items() if epoch in tier and tier[epoch].info)
+        for epoch in sorted(tiers["local"] | tiers["mirror"])
     }
+    # The local entry where the local tier commits it, or where only it names the epoch; else the mirror's.
+    merged = [
+        tiers["local" if "local" in held or epoch not in tiers["mirror"] else "mirror"][epoch]
+        for epoch, held in where.items()
+    ]
     return merged, where
 
 
@@ -141,7 +139,7 @@ def ls(args: argparse.Namespace) -> None:
                 output.fmt_size(entry.pt.size if entry.pt else 0),
                 output.fmt_age(entry.pt.mtime if entry.pt else None, now),
                 "yes" if info else "no*" if odd else "no",
-                *([tiers[entry.epoch]] if tiers else []),
+                *(["+".join(tiers[entry.epoch]) or "-"] if tiers else []),
             ]
         )
     if not entries:

@@ -42,6 +42,7 @@ def open_storage(
     *,
     retry: RetryPolicy | None = None,
     max_concurrency: int = 8,
+    argument: str = "run_dir",
 ) -> Storage:
     """The storage of a local path, ``file://…`` or any fsspec URL (``s3://bucket/prefix``, ``memory://…``).
 
@@ -54,6 +55,8 @@ def open_storage(
             (memory: up to ``max_concurrency + 1`` parts of 8 MiB) and the ranges of a read (16 MiB
             each). Beyond botocore's connection pool (``max_pool_connections``, 10 by default) more
             only queue. Other backends ignore it.
+        argument: What errors call ``url`` (the manager's ``run_dir`` or ``mirror``); its options are
+            ``storage_options`` or ``{argument}_storage_options``.
 
     Raises:
         InvalidArgumentError: the URL's protocol is unknown to fsspec or its extra is not installed,
@@ -63,30 +66,31 @@ def open_storage(
     Example:
         >>> storage = open_storage("s3://bucket/runs/exp1", {"anon": False})  # doctest: +SKIP
     """
+    options_name = "storage_options" if argument == "run_dir" else f"{argument}_storage_options"
     if not isinstance(url, (str, os.PathLike)):
-        raise InvalidArgumentError(f"run_dir must be a path or URL string, got {type(url).__name__}")
+        raise InvalidArgumentError(f"{argument} must be a path or URL string, got {type(url).__name__}")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise InvalidArgumentError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
     check_int("max_concurrency", max_concurrency, 1)
     if storage_options is not None and not isinstance(storage_options, Mapping):
-        raise InvalidArgumentError(f"storage_options must be a mapping or None, got {type(storage_options).__name__}")
+        raise InvalidArgumentError(f"{options_name} must be a mapping or None, got {type(storage_options).__name__}")
     url = os.fspath(url)
     if not url:
-        raise InvalidArgumentError("run_dir must be a non-empty path or URL")
+        raise InvalidArgumentError(f"{argument} must be a non-empty path or URL")
     options = dict(storage_options or {})
     if not all(isinstance(key, str) for key in options):
-        raise InvalidArgumentError(f"storage_options keys must be strings, got {sorted(map(repr, options))}")
+        raise InvalidArgumentError(f"{options_name} keys must be strings, got {sorted(map(repr, options))}")
     try:
         fs, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         raise InvalidArgumentError(
-            f"run_dir {url!r} needs an fsspec backend that is not installed ({exc}); "
+            f"{argument} {url!r} needs an fsspec backend that is not installed ({exc}); "
             "for s3:// install 'bgsave[s3]', for gs:// 'bgsave[gcs]'"
         ) from exc
     except ValueError as exc:
-        raise InvalidArgumentError(f"run_dir {url!r} has a protocol fsspec does not know ({exc})") from exc
+        raise InvalidArgumentError(f"{argument} {url!r} has a protocol fsspec does not know ({exc})") from exc
     except TypeError as exc:
-        raise InvalidArgumentError(f"storage_options not accepted by the filesystem: {exc}") from exc
+        raise InvalidArgumentError(f"{options_name} not accepted by the filesystem: {exc}") from exc
     policy = retry if retry is not None else DEFAULT_RETRY
     if isinstance(fs, LocalFileSystem):
         return LocalStorage(fs, root, policy, max_concurrency)
