@@ -346,3 +346,58 @@ def test_a_failed_upload_leaves_nothing_of_its_epoch_in_the_mirror(local_run_dir
     mgr.close()
     assert mirror_names(mirror) <= {".bgsave-catalog.json"}
     assert committed(local_names(local_run_dir)) == {2}
+
+
+def test_the_heartbeat_refreshes_both_writer_locks(local_run_dir: str, mirror: str) -> None:
+    """The worker's periodic task rewrites the heartbeat of the run directory's lock and of the mirror's."""
+    with CheckpointManager(local_run_dir, "exp", mirror=mirror) as mgr:
+        mgr.save_agent(Agent(), 1)
+        mgr.wait()
+        locks = [mgr._life._lock, mgr._mirror.lock]  # type: ignore[union-attr]
+        before = [json.loads(lock._storage.read_bytes(lock.path))["heartbeat"] for lock in locks]
+        _, beat = locks[0].heartbeats(*locks)
+        beat()
+        after = [json.loads(lock._storage.read_bytes(lock.path))["heartbeat"] for lock in locks]
+    assert all(a > b for a, b in zip(after, before, strict=True))
+
+
+def test_find_best_by_score_and_the_trainer_state_cover_both_tiers(tmp_path: Any, mirror: str) -> None:
+    """The best epoch, pruned locally but in the mirror, is found there; by-score lists both tiers; a fresh node's
+    load_trainer_state is the mirror's newest epoch's."""
+    node = str(tmp_path / "node")
+    with CheckpointManager(node, "exp", mirror=mirror, keep_last=1) as mgr:
+        agent = Agent()
+        optimizer = make_optimizer(agent)
+        for epoch, score in enumerate([0.2, 0.9, 0.1]):
+            mgr.save_at_interval(agent, epoch, interval=1, optimizer=optimizer, metadata={"score": score})
+            mgr.wait()
+        assert committed(local_names(node)) == {2}
+        assert mgr.find_best_checkpoint() == f"{mirror}/checkpoints/model_0001.pt"
+        assert mgr.find_checkpoints_by_score(0.15) == [
+            f"{mirror}/checkpoints/model_0000.pt",
+            f"{mirror}/checkpoints/model_0001.pt",
+        ]
+        assert [info.epoch for info in mgr.checkpoints()] == [0, 1, 2]
+    with CheckpointManager(str(tmp_path / "fresh"), "exp", mirror=mirror) as fresh:
+        state = fresh.load_trainer_state()
+        assert state is not None and state["epoch"] == 2
+
+
+def test_a_backlog_the_mirror_must_keep_is_reported_once(
+    local_run_dir: str, mirror: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror keeps everything: lagging uploads are all kept (none skipped), with one WARNING."""
+    with (
+        caplog.at_level(logging.WARNING, logger="bgsave.mirror"),
+        CheckpointManager(local_run_dir, "exp", mirror=mirror) as mgr,
+    ):
+        gate = Gate(mgr)
+        mgr.save_agent(Agent(seed=0), 0)
+        assert gate.entered.acquire(timeout=30)
+        for epoch in range(1, 6):
+            mgr.save_agent(Agent(seed=epoch), epoch)
+        mgr.find_latest_checkpoint()
+        gate.opened.set()
+        mgr.wait()
+    assert committed(mirror_names(mirror)) == set(range(6))
+    assert len([r for r in caplog.records if "behind" in r.getMessage()]) == 1
