@@ -35,7 +35,7 @@ s3fs run with their defaults (both compute a CRC32 of every part).
 
 Usage:
     python benchmarks/bench_mirror.py [--sizes 128,1024] [--repeats 3] [--proxy-mbps 20] [--proxy-sizes 128]
-        [--memory-sizes 128,1024] [--out benchmarks/results/mirror_DATE.json]
+        [--memory-sizes 128,1024] [--unsigned-payload] [--out benchmarks/results/mirror_DATE.json]
 """
 
 from __future__ import annotations
@@ -435,6 +435,17 @@ def bench_proxy(size: Size, moto: str, args: argparse.Namespace) -> dict[str, An
     return {"size_mb": size.size_mb, "cap_mb_per_s": args.proxy_mbps, "methods": results, "ratios": ratios}
 
 
+def unsigned_payload_config(scratch: Path) -> Path:
+    """An AWS config file that turns SHA256 payload signing off for boto3's and s3fs's clients alike.
+
+    Over plain HTTP (moto on loopback) botocore signs every part's SHA256; over HTTPS, with a CRC32
+    on the request, it does not. This measures the uploads as they run against a real bucket.
+    """
+    path = scratch / "aws-config-unsigned"
+    path.write_text("[default]\ns3 =\n    payload_signing_enabled = false\n")
+    return path
+
+
 def sizes_arg(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -449,6 +460,11 @@ def main() -> int:
     parser.add_argument("--memory-sizes", type=sizes_arg, default=None, help="sizes whose memory is sampled (all)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch parent (benchmarks/out)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (benchmarks/results/mirror_<date>.json)")
+    parser.add_argument(
+        "--unsigned-payload",
+        action="store_true",
+        help="every client skips SHA256 payload signing, as botocore does over HTTPS (an AWS config file)",
+    )
     args = parser.parse_args()
     args.memory_sizes = args.sizes if args.memory_sizes is None else args.memory_sizes
     started = dt.datetime.now(dt.timezone.utc)
@@ -482,6 +498,8 @@ def main() -> int:
     try:
         with crash_child.moto_server() as moto:
             os.environ.update(crash_child.s3_env(moto))
+            if args.unsigned_payload:
+                os.environ["AWS_CONFIG_FILE"] = str(unsigned_payload_config(scratch))
             s3 = S3(moto)
             for size_mb in sizes:
                 size = Size(size_mb, s3, scratch, f"mirror-{size_mb}")

@@ -30,11 +30,11 @@ FAST = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
 BIG = 5 * PART_SIZE  # 40 MiB: five parts, three read blocks
 
 
-def storage_for(run_dir: str, faulty: FaultyS3, max_concurrency: int = 8) -> Storage:
+def storage_for(run_dir: str, faulty: FaultyS3, max_concurrency: int = 8, **config: Any) -> Storage:
     """A storage reaching ``run_dir`` through the faulty endpoint, one HTTP attempt per request."""
     options = {
         "client_kwargs": {"endpoint_url": faulty.endpoint},
-        "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}},
+        "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}, **config},
     }
     return open_storage(run_dir, options, retry=FAST, max_concurrency=max_concurrency)
 
@@ -164,6 +164,26 @@ def test_upload_file_round_trip(storage: Storage, faulty: FaultyS3, clean: Any, 
     assert hashlib.sha256(clean.cat_file(path)).digest() == hashlib.sha256(local.read_bytes()).digest()
     assert faulty.count("UploadPart") == (3 if size > PART_SIZE else 0)
     assert uploads(clean, storage) == []
+
+
+@pytest.mark.parametrize("calculation", ["when_supported", "when_required"])
+def test_the_part_checksums_make_the_objects(s3_run_dir: str, faulty: FaultyS3, clean: Any, calculation: str) -> None:
+    """As s3transfer: the upload is created with the CRC32 botocore puts on each part, and completed with them.
+
+    The store then checks every part and combines their checksums (COMPOSITE) instead of hashing the
+    whole object again at completion; a client that checksums only when required sends none.
+    """
+    storage = storage_for(s3_run_dir, faulty, request_checksum_calculation=calculation)
+    path = storage.join("big.bin")
+    data = data_of(3 * PART_SIZE)
+    storage.write_bytes_atomic(path, data)
+    bucket, key = path.removeprefix("s3://").split("/", 1)
+    got = clean.call_s3("get_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")  # moto's HEAD omits the type
+    assert clean.cat_file(path) == data
+    if calculation == "when_supported":
+        assert (got.get("ChecksumType"), got.get("ChecksumCRC32", "").rpartition("-")[2]) == ("COMPOSITE", "3")
+    else:
+        assert "ChecksumCRC32" not in got and got.get("ChecksumType") != "COMPOSITE"
 
 
 # ---- reading --------------------------------------------------------------------------------

@@ -2,24 +2,25 @@
 
 Writing. The caller's writer (``torch.save``) writes into a :class:`PartWriter`, which buffers the
 bytes into parts of :data:`PART_SIZE` (doubled every 1,000 parts: :func:`part_size`). A full part
-is sent as soon as the next byte arrives, as one ``upload_part`` coroutine run on s3fs's loop, while
-the writer goes on; at most ``max_concurrency`` parts are in flight, and the writer waits on the
-oldest when that many are, so memory stays at most ``max_concurrency + 1`` parts (8 MiB each up to
-8 GB). The multipart upload is created when the first part is full;
-an object of at most one part is one ``put_object`` after the writer returned (atomic by itself).
-The upload is completed (``complete_multipart_upload`` with the parts' ETags in order) only once the
-writer returned and every part was acknowledged, right after ``before_commit``: until then nothing
-is visible. On any error (the writer raised, a part failed, a ``KeyboardInterrupt``) the parts in
-flight are let finish their current request, without further attempts, and the upload is aborted
-(retried on transient errors; an abort that still fails is logged): nothing visible, nothing billed.
+is sent as soon as the next byte arrives, as one ``upload_part`` coroutine on s3fs's loop, while
+the writer goes on; when ``max_concurrency`` parts are in flight it waits for any one to finish. A
+part's ``BytesIO`` is sent as it is (no copy) and refilled once acknowledged: memory stays at most
+``max_concurrency + 1`` parts. A local file (the mirror's) is read straight into such buffers, the
+kernel reading ahead. Checksums are botocore's: where it puts a CRC32 on every part (its default),
+the upload is created with that algorithm, each part's CRC32 is computed in the caller's thread and
+the completion lists them, as s3transfer does. An object of at most one part is one ``put_object``.
+The upload is completed only once the writer returned and every part was acknowledged, right after
+``before_commit``: until then nothing is visible. On any error (the writer raised, a part failed, a
+``KeyboardInterrupt``) the parts in flight finish their current request, without further attempts,
+and the upload is aborted (retried; an abort that still fails is logged): nothing visible or billed.
 
 Retries. A part that fails transiently is retried alone, with the storage's :class:`RetryPolicy`
-(logged at WARNING with the URL, the part and the attempt). A part that fails permanently fails the
-write as any storage error does; one that used up its attempts raises :class:`RetriesExhaustedError`,
-which the whole-file loop (:func:`~bgsave.storage.retry.run_with_retries`) treats as final, so the
-attempts do not multiply. Creating and completing the upload are not retried here: a failure there
-restarts the whole file in that loop, as before (a completion whose answer was lost is safe to
-redo; one retried alone would meet ``NoSuchUpload``).
+(logged at WARNING with the URL, the part and the attempt). One that fails permanently fails the
+write; one that used up its attempts raises :class:`RetriesExhaustedError`, which the whole-file
+loop (:func:`~bgsave.storage.retry.run_with_retries`) treats as final, so attempts do not multiply.
+Creating and completing the upload are not retried here: a failure there restarts the whole file
+in that loop (a completion whose answer was lost is safe to redo; retried alone it would meet
+``NoSuchUpload``).
 
 Reading large objects in parallel ranged GETs is :mod:`~bgsave.storage.ranges`; it shares
 :class:`Target` (one object, with the retry of one request) from here.
@@ -28,13 +29,15 @@ Reading large objects in parallel ranged GETs is :mod:`~bgsave.storage.ranges`; 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import io
 import itertools
 import logging
+import operator
 import os
-from collections import deque
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar, cast
@@ -142,67 +145,112 @@ def expired(exc: BaseException) -> bool:
 
 
 # ---- writing ----------------------------------------------------------------------------------
+def checksum_args(fs: Any) -> dict[str, str]:
+    """``{"ChecksumAlgorithm": "CRC32"}`` where botocore checksums every part by default, else ``{}``.
+
+    Created without it, an upload gets a full-object checksum that the store computes over the whole
+    object again at completion (moto: a second copy and hash of every byte).
+    """
+    client = fsspec.asyn.sync(fs.loop, fs.set_session)  # s3fs's client, made on first use
+    if getattr(client.meta.config, "request_checksum_calculation", None) != "when_supported":
+        return {}
+    from botocore.httpchecksum import DEFAULT_CHECKSUM_ALGORITHM
+
+    return {"ChecksumAlgorithm": str(DEFAULT_CHECKSUM_ALGORITHM)}
+
+
 class MultipartUpload:
     """The parts of one object in flight; :meth:`finish` commits, :meth:`abort` leaves nothing."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
         self.upload_id: str | None = None
-        self._done: list[dict[str, Any]] = []  # acknowledged parts, in order
-        self._pending: deque[tuple[int, concurrent.futures.Future[str]]] = deque()
+        self._done: list[dict[str, Any]] = []  # acknowledged parts, in the order they were
+        self._pending: dict[concurrent.futures.Future[dict[str, Any]], io.BytesIO] = {}
+        self._spare: list[io.BytesIO] = []  # the buffers of acknowledged parts, to fill again
         self._stop = asyncio.Event()  # set on s3fs's loop when the write failed
+        self._checksum: dict[str, str] = {}
 
-    def send(self, data: bytes | bytearray) -> None:
-        """Send the next part (not the last); waits while ``concurrency`` parts are in flight."""
+    def buffer(self) -> io.BytesIO:
+        """An empty buffer for a part: an acknowledged part's (a fresh 8 MiB one costs 2,048 page faults)."""
+        part = self._spare.pop() if self._spare else io.BytesIO()
+        part.seek(0)
+        return part
+
+    def send(self, data: io.BytesIO) -> None:
+        """Send ``data`` up to its position as the next part (not the last); waits while too many are in flight."""
         self._raise_failed()
         if self.upload_id is None:
-            self.upload_id = str(self.target.call("create_multipart_upload")["UploadId"])
+            self._checksum = checksum_args(self.target.fs)
+            self.upload_id = str(self.target.call("create_multipart_upload", **self._checksum)["UploadId"])
         while len(self._pending) >= self.target.concurrency:
-            self._settle_oldest()
+            self._settle()
         number = len(self._done) + len(self._pending) + 1
-        self._pending.append((number, self.target.submit(self._part(number, bytes(data)))))
+        data.truncate(data.tell())
+        self._pending[self.target.submit(self._part(number, data, self._checksums(data)))] = data
 
-    async def _part(self, number: int, data: bytes) -> str:
+    def _checksums(self, data: io.BytesIO) -> dict[str, str]:
+        # The CRC32 is computed here: zlib releases the GIL, so this runs beside s3fs's loop, which,
+        # left to compute it, would send nothing else meanwhile.
+        if self._checksum.get("ChecksumAlgorithm") != "CRC32":
+            return self._checksum
+        with data.getbuffer() as view:
+            crc = zlib.crc32(view)
+        return {**self._checksum, "ChecksumCRC32": base64.b64encode(crc.to_bytes(4, "big")).decode()}
+
+    async def _part(self, number: int, data: io.BytesIO, checksums: dict[str, str]) -> dict[str, Any]:
         async def upload() -> Any:
+            data.seek(0)  # each attempt sends the part whole
             return await self.target.fs._call_s3(
                 "upload_part",
                 Bucket=self.target.bucket,
                 Key=self.target.key,
                 UploadId=self.upload_id,
                 PartNumber=number,
-                Body=io.BytesIO(data),  # a stream: aiohttp refuses large raw bytes; shared, not copied
+                Body=data,
+                **checksums,
             )
 
         response = await self.target.retried(f"writing part {number} of", upload, self._stop)
-        return str(response["ETag"])
+        part = {"PartNumber": number, "ETag": str(response["ETag"])}
+        for name in self._checksum.values():  # the part's checksum goes into the object's (as s3transfer does)
+            if f"Checksum{name}" in response:
+                part[f"Checksum{name}"] = response[f"Checksum{name}"]
+        return part
 
     def _raise_failed(self) -> None:
         """Raise the error of any part already failed (not only the oldest: fail fast)."""
-        for _, future in self._pending:
+        for future in self._pending:
             if future.done() and future.exception() is not None:
                 future.result()
 
-    def _settle_oldest(self) -> None:
-        number, future = self._pending[0]
-        etag = future.result()
-        self._pending.popleft()
-        self._done.append({"PartNumber": number, "ETag": etag})
+    def _settle(self) -> None:
+        """Wait for any part in flight (not the oldest: one slow part does not hold the others' slots)."""
+        done, _ = concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            part = future.result()
+            self._done.append(part)
+            self._spare.append(self._pending.pop(future))
 
-    def finish(self, last: bytes | bytearray, before_commit: Callable[[], None] | None) -> None:
-        """Send ``last``, wait for every part, run ``before_commit``, then make the object visible."""
+    def finish(self, last: io.BytesIO, before_commit: Callable[[], None] | None) -> None:
+        """Send ``last`` (up to its position), wait for every part, run ``before_commit``, then commit."""
         if self.upload_id is None:  # at most one part: one PUT
             if before_commit is not None:
                 before_commit()
-            self.target.call("put_object", Body=io.BytesIO(bytes(last)))
+            last.truncate(last.tell())
+            last.seek(0)
+            self.target.call("put_object", Body=last)
         else:
-            if last:
+            if last.tell():
                 self.send(last)
             while self._pending:
-                self._settle_oldest()
+                self._settle()
             if before_commit is not None:
                 before_commit()
             self.target.call(
-                "complete_multipart_upload", UploadId=self.upload_id, MultipartUpload={"Parts": self._done}
+                "complete_multipart_upload",
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": sorted(self._done, key=operator.itemgetter("PartNumber"))},
             )
             self.upload_id = None
         self.target.fs.invalidate_cache(f"{self.target.bucket}/{self.target.key}")
@@ -211,7 +259,7 @@ class MultipartUpload:
         """Stop retrying, let the requests in flight end, abort the upload; never raises (failures are logged)."""
         self.target.fs.loop.call_soon_threadsafe(self._stop.set)
         # Not cancelled: a part still being received when the upload is aborted could survive it.
-        concurrent.futures.wait([future for _, future in self._pending])
+        concurrent.futures.wait(self._pending)
         self._pending.clear()
         if self.upload_id is None:
             return
@@ -240,7 +288,7 @@ class PartWriter(io.RawIOBase):
     def __init__(self, upload: MultipartUpload) -> None:
         super().__init__()
         self._upload = upload
-        self._buffer = bytearray()
+        self._buffer = upload.buffer()
         self._written = 0
         self._parts = 0
         self._error: BaseException | None = None
@@ -266,13 +314,13 @@ class PartWriter(io.RawIOBase):
         try:
             while start < len(view):
                 size = part_size(self._parts)
-                if len(self._buffer) == size:  # full, and more is coming: not the last part
-                    part, self._buffer = self._buffer, bytearray()
-                    self._upload.send(part)
+                if self._buffer.tell() == size:  # full, and more is coming: not the last part
+                    self._upload.send(self._buffer)
+                    self._buffer = self._upload.buffer()
                     self._parts += 1
                     size = part_size(self._parts)
-                take = min(size - len(self._buffer), len(view) - start)
-                self._buffer += view[start : start + take]
+                take = min(size - self._buffer.tell(), len(view) - start)
+                self._buffer.write(view[start : start + take])
                 start += take
         except BaseException as exc:
             self._error = exc
@@ -283,9 +331,9 @@ class PartWriter(io.RawIOBase):
     def flush(self) -> None:
         """Nothing: parts go out when they are full, the last at commit."""
 
-    def take_last(self) -> bytearray:
-        """The buffered bytes, which are the last part."""
-        last, self._buffer = self._buffer, bytearray()
+    def take_last(self) -> io.BytesIO:
+        """The buffered bytes (up to its position), which are the last part."""
+        last, self._buffer = self._buffer, io.BytesIO()
         return last
 
 
@@ -315,7 +363,9 @@ def upload_local(target: Target, local_path: str) -> int:
         piece = max(PART_SIZE, -(-size // _MAX_PARTS // 2**20) * 2**20)  # whole MiB, within 10,000 parts
         offsets = range(0, max(size, 1), piece)
         for offset in offsets:
-            data = _pread_full(fd, min(piece, size - offset), offset, local_path)
+            if hasattr(os, "posix_fadvise"):  # checkpoints are written past the page cache: read ahead
+                os.posix_fadvise(fd, offset + piece, 2 * piece, os.POSIX_FADV_WILLNEED)
+            data = _read_part(upload.buffer(), fd, min(piece, size - offset), offset, local_path)
             if offset == offsets[-1]:
                 upload.finish(data, None)
             else:
@@ -328,13 +378,22 @@ def upload_local(target: Target, local_path: str) -> int:
     return size
 
 
-def _pread_full(fd: int, length: int, offset: int, local_path: str) -> bytes:
-    pieces = []
-    while length > 0:
-        piece = os.pread(fd, length, offset)
-        if not piece:
-            raise OSError(f"{local_path} shrank while being uploaded")
-        pieces.append(piece)
-        length -= len(piece)
-        offset += len(piece)
-    return b"".join(pieces) if len(pieces) != 1 else pieces[0]
+def _read_part(part: io.BytesIO, fd: int, length: int, offset: int, local_path: str) -> io.BytesIO:
+    """``length`` bytes of the file at ``offset``, read straight into ``part``'s memory; its position after them."""
+    if length > _size(part):
+        part.seek(length - 1)
+        part.write(b"\0")  # grown in place; its bytes are the BytesIO's own, so aiohttp copies none
+    with part.getbuffer() as view:
+        done = 0
+        while done < length:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if not got:
+                raise OSError(f"{local_path} shrank while being uploaded")
+            done += got
+    part.seek(length)
+    return part
+
+
+def _size(part: io.BytesIO) -> int:
+    with part.getbuffer() as view:
+        return view.nbytes
