@@ -77,6 +77,17 @@ def test_parts_go_out_concurrently(
     assert faulty.max_in_flight("UploadPart") <= concurrency
 
 
+def test_streamed_parts_refill_acknowledged_buffers(s3_run_dir: str, faulty: FaultyS3, clean: Any) -> None:
+    """One part in flight: each part is written into the buffer of one acknowledged, the short last one too."""
+    faulty.clear()
+    storage = storage_for(s3_run_dir, faulty, 1)
+    data = data_of(3 * PART_SIZE + 123)
+    path = storage.join("refilled.bin")
+    assert storage.write_bytes_atomic(path, data) == len(data)
+    assert clean.cat_file(path) == data
+    assert faulty.count("UploadPart") == 4
+
+
 def test_a_transient_part_failure_is_retried_alone(
     storage: Storage, faulty: FaultyS3, clean: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -154,9 +165,17 @@ def test_before_commit_runs_once_every_part_is_acknowledged(storage: Storage, fa
     assert seen_at_commit == [(3, 0)]
 
 
-@pytest.mark.parametrize("size", [2 * PART_SIZE + 123, 1000])
-def test_upload_file_round_trip(storage: Storage, faulty: FaultyS3, clean: Any, tmp_path: Any, size: int) -> None:
-    """upload_file sends a local file (parts read with pread) and the object's sha256 is the file's."""
+@pytest.mark.parametrize(("size", "concurrency"), [(2 * PART_SIZE + 123, 8), (1000, 8), (2 * PART_SIZE + 123, 1)])
+def test_upload_file_round_trip(
+    s3_run_dir: str, faulty: FaultyS3, clean: Any, tmp_path: Any, size: int, concurrency: int
+) -> None:
+    """upload_file sends a local file (parts read with pread) and the object's sha256 is the file's.
+
+    With one part in flight, every part after the first is read into the buffer of one already
+    acknowledged, the last (123 bytes) into a full part's: the object still has exactly the file's bytes.
+    """
+    faulty.clear()
+    storage = storage_for(s3_run_dir, faulty, concurrency)
     local = tmp_path / "model.pt"
     local.write_bytes(data_of(size))
     path = storage.join("mirrored.pt")

@@ -386,7 +386,7 @@ def _read_part(part: io.BytesIO, fd: int, length: int, offset: int, local_path: 
     with part.getbuffer() as view:
         done = 0
         while done < length:
-            got = os.preadv(fd, [view[done:]], offset + done)
+            got = os.preadv(fd, [view[done:length]], offset + done)
             if not got:
                 raise OSError(f"{local_path} shrank while being uploaded")
             done += got
