@@ -7,7 +7,9 @@ For each of --sizes (MiB of float32 weights, default 128 and 1024), round-robin 
                      max_concurrency=10): the reference every upload is held to
   mirror_upload      a local run directory with ``mirror="s3://..."``: ``save_agent`` then ``wait()``; the time
                      is ``mirror_status()``'s ``upload_s`` for the epoch (``wall_s``: the call to the end of wait)
-  direct_s3          ``save_agent`` + ``wait()`` on an ``s3://`` run directory: time to durable
+  direct_s3          ``save_agent`` + ``wait()`` on an ``s3://`` run directory: time to durable (a fresh
+                     manager's first save: the lock, the listings and a cold snapshot buffer included)
+  direct_s3_later    the same manager's next save, as in a training loop (epoch 1 saved first, untimed)
   s3fs_put           ``fs.put_file`` of the same file: s3fs's own upload, one part at a time (reference)
 Loads of one checkpoint uploaded beforehand (untimed), each into a fresh process-like reader:
   download_torch_load  boto3 ``download_file`` (same TransferConfig) to a temp file, then ``torch.load``
@@ -172,12 +174,17 @@ class Size:
         self.s3.fs.put_file(str(self.file), f"{self.bucket}/{prefix}/{PT}")
         return {"s": time.perf_counter() - start}
 
-    def direct_s3(self, prefix: str, endpoint: str | None = None, n: int | None = None) -> dict[str, Any]:
+    def direct_s3(
+        self, prefix: str, endpoint: str | None = None, n: int | None = None, later: bool = False
+    ) -> dict[str, Any]:
         with CheckpointManager(
             self.url(prefix), RUN, storage_options=endpoint_options(endpoint), **concurrency(n)
         ) as mgr:
+            if later:
+                mgr.save_agent(self.model, 1)
+                mgr.wait()
             start = time.perf_counter()
-            mgr.save_agent(self.model, 1)
+            mgr.save_agent(self.model, 2 if later else 1)
             stall = time.perf_counter() - start
             mgr.wait()
             durable = time.perf_counter() - start
@@ -340,6 +347,7 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     if HAS_MIRROR:
         uploads["mirror_upload"] = size.mirror_upload
     uploads["direct_s3"] = size.direct_s3
+    uploads["direct_s3_later"] = lambda prefix: size.direct_s3(prefix, later=True)
     uploads["s3fs_put"] = size.s3fs_put
     methods = run_rounds(size, uploads, args.repeats, "upload")
 
@@ -364,6 +372,7 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {
             "mirror_upload / transfer_manager": ratio(methods.get("mirror_upload"), tm),
             "direct_s3 / transfer_manager": ratio(methods["direct_s3"], tm),
+            "direct_s3_later / transfer_manager": ratio(methods["direct_s3_later"], tm),
             "s3fs_put / transfer_manager": ratio(methods["s3fs_put"], tm),
             "load_agent_mirror / download_torch_load": ratio(load_results.get("load_agent_mirror"), base),
             "load_agent_s3 / download_torch_load": ratio(load_results["load_agent_s3"], base),
@@ -599,7 +608,7 @@ def print_tables(
         print(f"\n{key} MiB ({row['file_bytes'] / 1e6:.1f} MB file): uploads, median (min-max)")
         print(f"| {'upload':20} | {'time':24} | {'vs TransferManager':>18} |")
         print(f"|{'-' * 22}|{'-' * 26}|{'-' * 20}|")
-        for name in ("transfer_manager", "mirror_upload", "direct_s3", "s3fs_put"):
+        for name in ("transfer_manager", "mirror_upload", "direct_s3", "direct_s3_later", "s3fs_put"):
             method = row["uploads"].get(name)
             print(f"| {name:20} | {cell(method):24} | {times(ratio(method, tm)):>18} |")
         mirror = row["uploads"].get("mirror_upload")

@@ -115,7 +115,9 @@ def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
         assert 0 < check[f"{direction}_bytes_per_s"] <= 1.3 * check["cap_bytes_per_s"], check
     mirror, concurrency = report["features"]["mirror"], report["features"]["max_concurrency"]
     row = report["results"]["8"]
-    uploads = {"transfer_manager", "direct_s3", "s3fs_put"} | ({"mirror_upload"} if mirror else set())
+    uploads = {"transfer_manager", "direct_s3", "direct_s3_later", "s3fs_put"} | (
+        {"mirror_upload"} if mirror else set()
+    )
     loads = {"download_torch_load", "load_agent_s3", "load_checkpoint"} | ({"load_agent_mirror"} if mirror else set())
     for group, names in (("uploads", uploads), ("loads", loads)):
         assert set(row[group]) == names
