@@ -302,6 +302,25 @@ def test_held_requests_wait_for_release(storage: Storage, faulty: FaultyS3, clea
     assert not faulty.wait_for("UploadPart", n=99, timeout=0.01)
 
 
+def test_a_slow_part_does_not_hold_the_others_slots(s3_run_dir: str, faulty: FaultyS3, clean: Any) -> None:
+    """Two in flight, one held: the writer refills the other slot (waiting for the oldest, it sent only two)."""
+    faulty.clear()
+    storage = storage_for(s3_run_dir, faulty, 2)
+    faulty.fail("UploadPart", "hold", times=1)
+    path = storage.join("slow.bin")
+    data = data_of(4 * PART_SIZE)
+    writer = threading.Thread(target=storage.write_bytes_atomic, args=(path, data))
+    writer.start()
+    try:
+        assert faulty.wait_for("UploadPart", n=4), "the parts after a held one waited for it"
+        assert not clean.exists(path)
+    finally:
+        faulty.release()
+        writer.join(timeout=30)
+    assert clean.cat_file(path) == data
+    assert uploads(clean, storage) == []
+
+
 def test_streamed_parts_grow_so_s3s_5_tb_limit_fits_in_10000_parts() -> None:
     """8 MiB parts for the first 1,000 (8 GB), then doubling: 10,000 parts hold more than 5 TiB."""
     from bgsave.storage.parts import PART_SIZE, part_size
