@@ -145,7 +145,7 @@ def expired(exc: BaseException) -> bool:
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def checksum_args(fs: Any) -> dict[str, str]:
+def _checksum_args(fs: Any) -> dict[str, str]:
     """``{"ChecksumAlgorithm": "CRC32"}`` where botocore checksums every part by default, else ``{}``.
 
     Created without it, an upload gets a full-object checksum that the store computes over the whole
@@ -181,7 +181,7 @@ class MultipartUpload:
         """Send ``data`` up to its position as the next part (not the last); waits while too many are in flight."""
         self._raise_failed()
         if self.upload_id is None:
-            self._checksum = checksum_args(self.target.fs)
+            self._checksum = _checksum_args(self.target.fs)
             self.upload_id = str(self.target.call("create_multipart_upload", **self._checksum)["UploadId"])
         while len(self._pending) >= self.target.concurrency:
             self._settle()
