@@ -161,6 +161,21 @@ def test_a_lone_trainer_state_and_a_late_score_reach_the_mirror(local_run_dir: s
         assert start.info is not None and start.info.sidecar["score"] == 0.75
 
 
+def test_a_score_set_while_its_epoch_uploads_reaches_the_mirror(local_run_dir: str, mirror: str) -> None:
+    """The sidecar is rewritten locally after the uploader read it: the upload goes again with the new one."""
+    with CheckpointManager(local_run_dir, "exp", mirror=mirror) as mgr:
+        gate = Gate(mgr)
+        mgr.save_agent(Agent(), 5)
+        assert gate.entered.acquire(timeout=30)  # epoch 5 is uploading: its sidecar (no score) is read
+        mgr.update_metadata(5, score=0.75)
+        mgr.find_latest_checkpoint()  # the local rewrite is done
+        gate.opened.set()
+        mgr.wait()
+        assert mgr.mirror_status()[0].state == "mirrored"
+    with fsspec.open(f"{mirror}/checkpoints/model_0005.yaml", "rt") as f:
+        assert "score: 0.75" in f.read()
+
+
 # ---- retention per tier, lag, backpressure ----------------------------------------------
 def test_local_retention_keeps_what_the_mirror_has_not_got(local_run_dir: str, mirror: str) -> None:
     """keep_last=1 locally while uploads lag: every un-mirrored checkpoint stays until it is mirrored."""

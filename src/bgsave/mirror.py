@@ -262,10 +262,17 @@ class Mirror:
     def _upload(self, epoch: int) -> None:
         """Epoch's changed local files to the mirror: its old sidecar deleted first, data, then the sidecar."""
         local = self._local
-        files = local.storage.list_files(local.directory)
-        yml = layout.checkpoint_name(epoch, layout.YAML)
-        data = [n for n in (layout.checkpoint_name(epoch, layout.PT), layout.trainer_name(epoch)) if n in files]
-        if yml not in files or layout.checkpoint_name(epoch, layout.PT) not in data:
+        yml, pt, trainer = (
+            layout.checkpoint_name(epoch, layout.YAML),
+            layout.checkpoint_name(epoch, layout.PT),
+            layout.trainer_name(epoch),
+        )
+        # Facts taken once, before anything is read: a local listing stats at each lookup, and
+        # comparing two fresh stats at the end would miss a rewrite made while this ran.
+        listing = local.storage.list_files(local.directory)
+        files = {n: facts for n in (pt, trainer, yml) if (facts := listing.get(n)) is not None}
+        data = [n for n in (pt, trainer) if n in files]
+        if yml not in files or pt not in files:
             return  # no longer committed locally (re-saved or removed): its next commit queues it again
         sent = self._sent.get(epoch, {})
         changed = [n for n in data if sent.get(n) != files[n].tag]
@@ -287,10 +294,13 @@ class Mirror:
                 except Exception as cleanup:
                     logger.warning("%s: could not remove %s: %s", self.url, name, describe(cleanup))
             raise
-        # A local re-save while this ran replaced files: commit nothing mixed, its own commit re-queues it.
+        # A local rewrite while this ran (a re-save, a late score): commit nothing mixed, and go again
+        # (queued here: the writer's own re-queue may come after this upload has ended).
         now = local.storage.list_files(local.directory)
         if any(_moved(files.get(n), now.get(n)) for n in [*data, yml]):
             logger.info("%s: epoch %d changed locally while being mirrored; it goes again", self.url, epoch)
+            with self._cond:
+                self._pending.add(epoch)
             return
         if changed or stale or sent.get(yml) != files[yml].tag:
             self.storage.write_bytes_atomic(self.catalog.path_of(yml), sidecar)
