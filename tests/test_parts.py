@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import threading
 from typing import IO, Any
@@ -17,6 +18,7 @@ import torch
 
 from bgsave.errors import InvalidArgumentError
 from bgsave.storage import RetryPolicy, Storage, is_transient, open_storage
+from bgsave.storage.lanes import MAX_LANES, lanes
 from bgsave.storage.parts import PART_SIZE
 from bgsave.storage.ranges import READ_BLOCK
 from faulty_s3 import FaultyS3
@@ -182,6 +184,68 @@ def test_upload_file_round_trip(
     assert storage.upload_file(str(local), path) == size
     assert hashlib.sha256(clean.cat_file(path)).digest() == hashlib.sha256(local.read_bytes()).digest()
     assert faulty.count("UploadPart") == (3 if size > PART_SIZE else 0)
+    assert uploads(clean, storage) == []
+
+
+def test_parts_take_turns_on_event_loops_of_their_own(s3_run_dir: str, faulty: FaultyS3, clean: Any) -> None:
+    """Where there are CPUs for it, parts go out from several threads: s3fs's loop and copies of its filesystem.
+
+    The copies have the filesystem's options (so its credentials and endpoint), each its own running
+    loop; they are made once per filesystem. Which thread sent each part is recorded by wrapping
+    each lane's real ``_call_s3``.
+    """
+    faulty.clear()
+    storage = storage_for(s3_run_dir, faulty, 4)
+    got = lanes(storage.fs, 4)
+    count = min(4, MAX_LANES, os.cpu_count() or 1)
+    assert got[0] is storage.fs and len(got) == count and lanes(storage.fs, 4) == got
+    assert len({id(lane.loop) for lane in got}) == count and all(lane.loop.is_running() for lane in got)
+    options = dict(storage.fs.storage_options)
+    assert all({k: v for k, v in lane.storage_options.items() if k != "loop"} == options for lane in got[1:])
+    assert lanes(storage.fs, 1) == [storage.fs]
+    senders: set[str] = set()
+    for lane in got:
+        real = lane._call_s3
+
+        async def recorded(method: str, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            if method == "upload_part":
+                senders.add(threading.current_thread().name)
+            return await _real(method, *args, **kwargs)
+
+        lane._call_s3 = recorded
+    data = data_of(BIG)
+    path = storage.join("lanes.bin")
+    try:
+        storage.write_bytes_atomic(path, data)
+    finally:
+        for lane in got:
+            del lane._call_s3
+    assert clean.cat_file(path) == data and len(senders) == count
+    assert uploads(clean, storage) == []
+
+
+def _upload_in_child(run_dir: str, endpoint: str, path: str, data: bytes) -> None:
+    options = {"client_kwargs": {"endpoint_url": endpoint}}
+    open_storage(run_dir, options, retry=FAST, max_concurrency=4).write_bytes_atomic(path, data)
+
+
+def test_a_forked_child_uploads_on_loops_of_its_own(s3_run_dir: str, faulty: FaultyS3, clean: Any) -> None:
+    """The parent's lane threads are gone in a forked child: it makes its own, not waiting on dead loops."""
+    faulty.clear()
+    storage = storage_for(s3_run_dir, faulty, 4)
+    storage.write_bytes_atomic(storage.join("parent.bin"), data_of(2 * PART_SIZE + 1))  # the parent's lanes exist
+    data = data_of(3 * PART_SIZE)
+    path = storage.join("child.bin")
+    child = multiprocessing.get_context("fork").Process(
+        target=_upload_in_child, args=(s3_run_dir, faulty.endpoint, path, data)
+    )
+    child.start()
+    child.join(45)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+    assert clean.cat_file(path) == data
     assert uploads(clean, storage) == []
 
 

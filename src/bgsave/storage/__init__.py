@@ -8,7 +8,8 @@ the filesystem's type (as fsspec's ``implementations/``):
   fsync of the directory; large checkpoints past the page cache (:mod:`~bgsave.storage.diskfile`).
 * :mod:`~bgsave.storage.object_store`: ``s3://``, ``gs://``... One multipart upload, completed
   only once the writer returned: all-or-nothing, aborted on any error. On S3 the parts go out
-  several at once and large reads fetch ranges in parallel (:mod:`~bgsave.storage.parts`).
+  several at once, from a few event-loop threads (:mod:`~bgsave.storage.parts`,
+  :mod:`~bgsave.storage.lanes`), and large reads fetch ranges in parallel (:mod:`~bgsave.storage.ranges`).
 * :mod:`~bgsave.storage.piped`: anything else (``memory://``): serialized in memory, one ``pipe_file``.
 
 Atomicity is per file. A checkpoint is two files, so the writer orders them: the ``.pt`` first, then

@@ -1,18 +1,19 @@
-"""Parallel multipart uploads and ranged reads for S3 (s3fs), on s3fs's own event loop.
+"""Parallel multipart uploads and ranged reads for S3 (s3fs), on s3fs's event loops.
 
 Writing. The caller's writer (``torch.save``) writes into a :class:`PartWriter`, which buffers the
-bytes into parts of :data:`PART_SIZE` (doubled every 1,000 parts: :func:`part_size`). A full part
-is sent as soon as the next byte arrives, as one ``upload_part`` coroutine on s3fs's loop, while
-the writer goes on; when ``max_concurrency`` parts are in flight it waits for any one to finish. A
-part's ``BytesIO`` is sent as it is (no copy) and refilled once acknowledged: memory stays at most
-``max_concurrency + 1`` parts. A local file (the mirror's) is read straight into such buffers, the
-kernel reading ahead. Checksums are botocore's: where it puts a CRC32 on every part (its default),
-the upload is created with that algorithm, each part's CRC32 is computed in the caller's thread and
-the completion lists them, as s3transfer does. An object of at most one part is one ``put_object``.
-The upload is completed only once the writer returned and every part was acknowledged, right after
-``before_commit``: until then nothing is visible. On any error (the writer raised, a part failed, a
-``KeyboardInterrupt``) the parts in flight finish their current request, without further attempts,
-and the upload is aborted (retried; an abort that still fails is logged): nothing visible or billed.
+bytes into parts of :data:`PART_SIZE` (doubled every 1,000 parts: :func:`part_size`). A full part is
+sent as soon as the next byte arrives, as one ``upload_part`` coroutine on an event loop (parts take
+turns on the :mod:`~bgsave.storage.lanes`), while the writer goes on; when ``max_concurrency`` parts
+are in flight it waits for any one to finish. A part's ``BytesIO`` is sent as it is (no copy) and
+refilled once acknowledged: memory stays at most ``max_concurrency + 1`` parts. A local file (the
+mirror's) is read straight into such buffers, the kernel reading ahead. Checksums are botocore's:
+where it puts a CRC32 on every part (its default), the upload is created with that algorithm, each
+part's CRC32 is computed in the caller's thread and the completion lists them, as s3transfer does.
+An object of at most one part is one ``put_object``. The upload is completed only once the writer
+returned and every part was acknowledged, right after ``before_commit``: until then nothing is
+visible. On any error (the writer raised, a part failed, a ``KeyboardInterrupt``) the parts in
+flight finish their current request, without further attempts, and the upload is aborted (retried;
+an abort that still fails is logged): nothing visible or billed.
 
 Retries. A part that fails transiently is retried alone, with the storage's :class:`RetryPolicy`
 (logged at WARNING with the URL, the part and the attempt). One that fails permanently fails the
@@ -44,6 +45,7 @@ from typing import IO, Any, TypeVar, cast
 
 import fsspec.asyn
 
+from bgsave.storage.lanes import lanes
 from bgsave.storage.retry import Attempt, RetriesExhaustedError, RetryPolicy, describe, is_transient
 
 __all__ = (
@@ -148,8 +150,7 @@ def expired(exc: BaseException) -> bool:
 def _checksum_args(fs: Any) -> dict[str, str]:
     """``{"ChecksumAlgorithm": "CRC32"}`` where botocore checksums every part by default, else ``{}``.
 
-    Created without it, an upload gets a full-object checksum that the store computes over the whole
-    object again at completion (moto: a second copy and hash of every byte).
+    Without it, the store computes a full-object checksum at completion: every byte hashed again.
     """
     client = fsspec.asyn.sync(fs.loop, fs.set_session)  # s3fs's client, made on first use
     if getattr(client.meta.config, "request_checksum_calculation", None) != "when_supported":
@@ -168,7 +169,8 @@ class MultipartUpload:
         self._done: list[dict[str, Any]] = []  # acknowledged parts, in the order they were
         self._pending: dict[concurrent.futures.Future[dict[str, Any]], io.BytesIO] = {}
         self._spare: list[io.BytesIO] = []  # the buffers of acknowledged parts, to fill again
-        self._stop = asyncio.Event()  # set on s3fs's loop when the write failed
+        self._lanes = lanes(target.fs, target.concurrency)  # the filesystems (each on its loop) parts take turns on
+        self._stops = [asyncio.Event() for _ in self._lanes]  # each set on its lane's loop when the write failed
         self._checksum: dict[str, str] = {}
 
     def buffer(self) -> io.BytesIO:
@@ -187,21 +189,22 @@ class MultipartUpload:
             self._settle()
         number = len(self._done) + len(self._pending) + 1
         data.truncate(data.tell())
-        self._pending[self.target.submit(self._part(number, data, self._checksums(data)))] = data
+        lane = number % len(self._lanes)
+        part = self._part(lane, number, data, self._checksums(data))
+        self._pending[asyncio.run_coroutine_threadsafe(part, self._lanes[lane].loop)] = data
 
     def _checksums(self, data: io.BytesIO) -> dict[str, str]:
-        # The CRC32 is computed here: zlib releases the GIL, so this runs beside s3fs's loop, which,
-        # left to compute it, would send nothing else meanwhile.
+        # The CRC32 is computed here, beside the loops (zlib releases the GIL), not by botocore on them.
         if self._checksum.get("ChecksumAlgorithm") != "CRC32":
             return self._checksum
         with data.getbuffer() as view:
             crc = zlib.crc32(view)
         return {**self._checksum, "ChecksumCRC32": base64.b64encode(crc.to_bytes(4, "big")).decode()}
 
-    async def _part(self, number: int, data: io.BytesIO, checksums: dict[str, str]) -> dict[str, Any]:
+    async def _part(self, lane: int, number: int, data: io.BytesIO, checksums: dict[str, str]) -> dict[str, Any]:
         async def upload() -> Any:
             data.seek(0)  # each attempt sends the part whole
-            return await self.target.fs._call_s3(
+            return await self._lanes[lane]._call_s3(
                 "upload_part",
                 Bucket=self.target.bucket,
                 Key=self.target.key,
@@ -211,7 +214,7 @@ class MultipartUpload:
                 **checksums,
             )
 
-        response = await self.target.retried(f"writing part {number} of", upload, self._stop)
+        response = await self.target.retried(f"writing part {number} of", upload, self._stops[lane])
         part = {"PartNumber": number, "ETag": str(response["ETag"])}
         for name in self._checksum.values():  # the part's checksum goes into the object's (as s3transfer does)
             if f"Checksum{name}" in response:
@@ -257,7 +260,8 @@ class MultipartUpload:
 
     def abort(self) -> None:
         """Stop retrying, let the requests in flight end, abort the upload; never raises (failures are logged)."""
-        self.target.fs.loop.call_soon_threadsafe(self._stop.set)
+        for fs, stop in zip(self._lanes, self._stops, strict=True):
+            fs.loop.call_soon_threadsafe(stop.set)
         # Not cancelled: a part still being received when the upload is aborted could survive it.
         concurrent.futures.wait(self._pending)
         self._pending.clear()
@@ -380,7 +384,7 @@ def upload_local(target: Target, local_path: str) -> int:
 
 def _read_part(part: io.BytesIO, fd: int, length: int, offset: int, local_path: str) -> io.BytesIO:
     """``length`` bytes of the file at ``offset``, read straight into ``part``'s memory; its position after them."""
-    if length > _size(part):
+    if length > part.seek(0, io.SEEK_END):  # its size
         part.seek(length - 1)
         part.write(b"\0")  # grown in place; its bytes are the BytesIO's own, so aiohttp copies none
     with part.getbuffer() as view:
@@ -392,8 +396,3 @@ def _read_part(part: io.BytesIO, fd: int, length: int, offset: int, local_path: 
             done += got
     part.seek(length)
     return part
-
-
-def _size(part: io.BytesIO) -> int:
-    with part.getbuffer() as view:
-        return view.nbytes
