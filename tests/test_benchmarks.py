@@ -123,6 +123,10 @@ def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
         assert set(row[group]) == names
         for name in names:
             assert 0 < row[group][name]["median_s"] < 60, name
+    assert set(row["paired_ratios"]) == {f"{n} / transfer_manager" for n in uploads - {"transfer_manager"}} | {
+        f"{n} / download_torch_load" for n in loads - {"download_torch_load"}
+    }
+    assert all(value > 0 for value in row["paired_ratios"].values())
     assert row["memory"]["expected_extra_bytes"] > 0
     assert all("tracemalloc_peak_bytes" in sample for sample in row["memory"]["samples"].values())
     proxied = report["proxy"]["8"]["methods"]
