@@ -37,7 +37,8 @@ s3fs run with their defaults (both compute a CRC32 of every part).
 
 Usage:
     python benchmarks/bench_mirror.py [--sizes 128,1024] [--repeats 3] [--proxy-mbps 20] [--proxy-sizes 128]
-        [--memory-sizes 128,1024] [--unsigned-payload] [--out benchmarks/results/mirror_DATE.json]
+        [--memory-sizes 128,1024] [--load-sizes 128,1024] [--unsigned-payload]
+        [--out benchmarks/results/mirror_DATE.json]
 """
 
 from __future__ import annotations
@@ -372,18 +373,20 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     uploads["s3fs_put"] = size.s3fs_put
     methods = run_rounds(size, uploads, args.repeats, "upload")
 
-    size.load_setup()
-    loads: dict[str, Method] = {"download_torch_load": size.download_torch_load}
-    if HAS_MIRROR:
-        loads["load_agent_mirror"] = size.load_agent_mirror
-    loads["load_agent_s3"] = size.load_agent_s3
-    loads["load_checkpoint"] = size.load_checkpoint
-    load_results = run_rounds(size, loads, args.repeats, "load")
-    size.clean("load-run")
-    size.clean("load-mirror")
+    load_results: dict[str, dict[str, Any]] = {}
+    if size.size_mb in args.load_sizes:
+        size.load_setup()
+        loads: dict[str, Method] = {"download_torch_load": size.download_torch_load}
+        if HAS_MIRROR:
+            loads["load_agent_mirror"] = size.load_agent_mirror
+        loads["load_agent_s3"] = size.load_agent_s3
+        loads["load_checkpoint"] = size.load_checkpoint
+        load_results = run_rounds(size, loads, args.repeats, "load")
+        size.clean("load-run")
+        size.clean("load-mirror")
 
     tm = methods["transfer_manager"]
-    base = load_results["download_torch_load"]
+    base = load_results.get("download_torch_load")
     out: dict[str, Any] = {
         "size_mb": size.size_mb,
         "weights_bytes": model_bytes(size.model),
@@ -396,8 +399,8 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
             "direct_s3_later / transfer_manager": ratio(methods["direct_s3_later"], tm),
             "s3fs_put / transfer_manager": ratio(methods["s3fs_put"], tm),
             "load_agent_mirror / download_torch_load": ratio(load_results.get("load_agent_mirror"), base),
-            "load_agent_s3 / download_torch_load": ratio(load_results["load_agent_s3"], base),
-            "load_checkpoint / download_torch_load": ratio(load_results["load_checkpoint"], base),
+            "load_agent_s3 / download_torch_load": ratio(load_results.get("load_agent_s3"), base),
+            "load_checkpoint / download_torch_load": ratio(load_results.get("load_checkpoint"), base),
         },
     }
     out["paired_ratios"] = {
@@ -496,6 +499,7 @@ def main() -> int:
     parser.add_argument("--proxy-sizes", type=sizes_arg, default=[128], help="sizes also run through the proxy")
     parser.add_argument("--proxy-check-mb", type=float, default=20, help="MB moved to check the proxy's cap")
     parser.add_argument("--memory-sizes", type=sizes_arg, default=None, help="sizes whose memory is sampled (all)")
+    parser.add_argument("--load-sizes", type=sizes_arg, default=None, help="sizes whose loads are timed (all)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch parent (benchmarks/out)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (benchmarks/results/mirror_<date>.json)")
     parser.add_argument(
@@ -505,6 +509,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.memory_sizes = args.sizes if args.memory_sizes is None else args.memory_sizes
+    args.load_sizes = args.sizes if args.load_sizes is None else args.load_sizes
     started = dt.datetime.now(dt.timezone.utc)
     skipped: list[str] = []
     if not HAS_MIRROR:
@@ -646,7 +651,7 @@ def print_tables(
         mirror = row["uploads"].get("mirror_upload")
         if mirror and "wall_s_median" in mirror:
             print(f"  mirror save_agent to wait(): {mirror['wall_s_median']:.2f} s (median)")
-        base = row["loads"]["download_torch_load"]
+        base = row["loads"].get("download_torch_load")
         print(f"| {'load':20} | {'time':24} | {'vs download+load':>18} | {'paired':>7} |")
         print(f"|{'-' * 22}|{'-' * 26}|{'-' * 20}|{'-' * 9}|")
         for name in ("download_torch_load", "load_agent_mirror", "load_agent_s3", "load_checkpoint"):
