@@ -163,14 +163,26 @@ class Size:
         self.s3.delete_prefix(self.bucket, prefix + "/")
         shutil.rmtree(self.scratch / prefix.replace("/", "-"), ignore_errors=True)
 
+    def drop_cached_file(self) -> None:
+        """Drop the committed file's pages: bgsave writes checkpoints past the page cache, so the mirror
+        reads a fresh one from disk, and the uploads of this file compared with it must too."""
+        if hasattr(os, "posix_fadvise"):
+            fd = os.open(self.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
     # uploads: each returns a sample, {"s": the time compared, ...}
     def transfer_manager(self, prefix: str, s3: S3 | None = None, n: int = TM_CONCURRENCY) -> dict[str, Any]:
         s3 = s3 or self.s3
+        self.drop_cached_file()
         start = time.perf_counter()
         s3.client.upload_file(str(self.file), self.bucket, f"{prefix}/{PT}", Config=s3.transfer[n])
         return {"s": time.perf_counter() - start}
 
     def s3fs_put(self, prefix: str) -> dict[str, Any]:
+        self.drop_cached_file()
         start = time.perf_counter()
         self.s3.fs.put_file(str(self.file), f"{self.bucket}/{prefix}/{PT}")
         return {"s": time.perf_counter() - start}
