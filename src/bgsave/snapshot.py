@@ -38,12 +38,14 @@ The caller's thread is not blocked by the device-to-host copy; its stream is, fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import io
 import logging
 import mmap
 import pickle
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -152,18 +154,31 @@ def _copy_host(buf: torch.Tensor, storage: torch.UntypedStorage) -> None:
 _PAGE_ALIGNED_MIN = 2**20
 
 
+# Linux's madvise(2) advice that faults a whole range in, writable, in one call (5.14+; Python's mmap
+# module does not name it). Elsewhere the number means something else, so it is only used on Linux.
+_MADV_POPULATE_WRITE = 23 if sys.platform == "linux" else None
+
+
 def _new_buffer(size: int, pin: bool) -> torch.Tensor:
     """A byte buffer for one storage's copy: pinned for CUDA sources, page-aligned when large.
 
     Page alignment lets the writer send the bytes to disk with ``O_DIRECT`` straight from this
-    buffer (:mod:`bgsave.diskfile`). An anonymous ``mmap`` is what malloc would use at this size
-    anyway; the tensor keeps the mapping alive and it is unmapped with the tensor's storage. Pinned
-    buffers come from CUDA's host allocator (page-aligned in practice; memory the disk refuses is
-    copied through the writer's staging buffer instead).
+    buffer (:mod:`bgsave.diskfile`). A private anonymous ``mmap`` is what malloc would use at this
+    size anyway; the tensor keeps the mapping alive and it is unmapped with the tensor's storage.
+    The first copy into fresh pages is what a run's first save waits for, page fault by page fault:
+    the mapping asks for huge pages and is populated in one call instead, which took a 128 MiB first
+    copy from 140-170 ms to 55 ms here (a copy into mapped pages: 22 ms). Pinned buffers come from
+    CUDA's host allocator (page-aligned in practice; memory the disk refuses is copied through the
+    writer's staging buffer instead).
     """
     if pin or size < _PAGE_ALIGNED_MIN:
         return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
+    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
+        if advice is not None:
+            with contextlib.suppress(OSError):  # an older kernel, or no huge pages: faulted in as it is copied
+                pages.madvise(advice)
+    return torch.frombuffer(pages, dtype=torch.uint8)
 
 
 def _ref(index: int) -> Any:
