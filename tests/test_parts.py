@@ -187,6 +187,38 @@ def test_upload_file_round_trip(
     assert uploads(clean, storage) == []
 
 
+@pytest.mark.parametrize("source", ["streamed", "local file"])
+@pytest.mark.parametrize(("action", "lands"), [("503", True), ("403", False)])
+def test_a_failed_creation_restarts_the_file_or_fails_it_cleanly(
+    storage: Storage, faulty: FaultyS3, clean: Any, tmp_path: Any, source: str, action: str, lands: bool
+) -> None:
+    """The upload is created while the first part is prepared: a 503 there restarts the file once and it
+    lands byte-identical; a 403 fails the write naming the URL, with no object, no upload and no abort."""
+    data = data_of(2 * PART_SIZE + 123)
+    local = tmp_path / "model.pt"
+    local.write_bytes(data)
+    path = storage.join("created.bin")
+    faulty.fail("CreateMultipartUpload", action, times=1)
+
+    def write() -> int:
+        if source == "local file":
+            return storage.upload_file(str(local), path)
+        return storage.write_bytes_atomic(path, data)
+
+    if lands:
+        assert write() == len(data)
+        assert clean.cat_file(path) == data
+        assert faulty.count("CreateMultipartUpload") == 2
+    else:
+        with pytest.raises(OSError) as info:
+            write()
+        assert storage.display(path) in str(info.value)
+        assert faulty.count("CreateMultipartUpload") == 1
+        assert faulty.count("AbortMultipartUpload") == 0  # no upload was made: nothing to abort
+        assert not clean.exists(path)
+    assert uploads(clean, storage) == []
+
+
 def test_parts_take_turns_on_event_loops_of_their_own(s3_run_dir: str, faulty: FaultyS3, clean: Any) -> None:
     """Where there are CPUs for it, parts go out from several threads: s3fs's loop and copies of its filesystem.
 

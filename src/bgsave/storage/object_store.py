@@ -28,13 +28,12 @@ to one ETag; elsewhere through a 32 MiB read-ahead cache.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import IO, Any
 
 from bgsave.storage import parts, ranges
 from bgsave.storage.base import Attempt, Storage, Writer
-from bgsave.storage.retry import describe, is_transient
+from bgsave.storage.retry import abort_upload, describe
 
 __all__ = ("OBJECT_STORES", "ObjectStorage")
 
@@ -99,22 +98,7 @@ class ObjectStorage(Storage):
     def _discard(self, f: Any, path: str) -> None:
         """Abort an unfinished upload (retried: a leaked multipart upload is billed), never raising."""
         try:
-            for number in range(1, self.retry.attempts + 1):
-                try:
-                    f.discard()
-                    return
-                except FileNotFoundError:  # NoSuchUpload: already gone
-                    return
-                except Exception as exc:
-                    if not is_transient(exc) or number == self.retry.attempts:
-                        logger.warning(
-                            "could not abort the unfinished upload of %s (%s); it may remain until the "
-                            "bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it",
-                            self.display(path),
-                            describe(exc),
-                        )
-                        return
-                    time.sleep(self.retry.delay(number))
+            abort_upload(self.retry, self.display(path), f.discard)
         finally:
             # discard() leaves the file unusable; marking it closed stops close() and __del__ from
             # flushing (and with autocommit, committing) anything of it later.

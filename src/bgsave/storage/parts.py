@@ -1,27 +1,26 @@
 """Parallel multipart uploads and ranged reads for S3 (s3fs), on s3fs's event loops.
 
 Writing. The caller's writer (``torch.save``) writes into a :class:`PartWriter`, which buffers the
-bytes into parts of :data:`PART_SIZE` (doubled every 1,000 parts: :func:`part_size`). A full part is
-sent as soon as the next byte arrives, as one ``upload_part`` coroutine on an event loop (parts take
-turns on the :mod:`~bgsave.storage.lanes`), while the writer goes on; when ``max_concurrency`` parts
-are in flight it waits for any one to finish. A part's ``BytesIO`` is sent as it is (no copy) and
-refilled once acknowledged: memory stays at most ``max_concurrency + 1`` parts. A local file (the
-mirror's) is read straight into such buffers, the kernel reading ahead. Checksums are botocore's:
-where it puts a CRC32 on every part (its default), the upload is created with that algorithm, each
-part's CRC32 is computed in the caller's thread and the completion lists them, as s3transfer does.
-An object of at most one part is one ``put_object``. The upload is completed only once the writer
-returned and every part was acknowledged, right after ``before_commit``: until then nothing is
-visible. On any error (the writer raised, a part failed, a ``KeyboardInterrupt``) the parts in
-flight finish their current request, without further attempts, and the upload is aborted (retried;
-an abort that still fails is logged): nothing visible or billed.
+bytes into parts of :data:`PART_SIZE` (doubled every 1,000 parts: :func:`part_size`). The upload is
+created, without waiting, when the first part is full (a local file of several parts: before its
+first part is read); a full part is sent as one ``upload_part`` coroutine on an event loop (parts
+take turns on the :mod:`~bgsave.storage.lanes`) while the writer goes on, and when
+``max_concurrency`` parts are in flight it waits for any one. A part's ``BytesIO`` is sent as it is
+(no copy) and refilled once acknowledged: memory stays at most ``max_concurrency + 1`` parts. A local
+file (the mirror's) is read straight into such buffers, the kernel reading ahead. Checksums are
+botocore's: where it puts a CRC32 on every part (its default), the upload is created with that
+algorithm, each part's CRC32 is computed in the caller's thread and the completion lists them, as
+s3transfer does. An object of at most one part is one ``put_object``. The upload is completed only
+once the writer returned and every part was acknowledged, right after ``before_commit``. On any
+error the parts in flight finish their current request, without further attempts, and the upload
+is aborted (:func:`~bgsave.storage.retry.abort_upload`): nothing visible or billed.
 
 Retries. A part that fails transiently is retried alone, with the storage's :class:`RetryPolicy`
-(logged at WARNING with the URL, the part and the attempt). One that fails permanently fails the
-write; one that used up its attempts raises :class:`RetriesExhaustedError`, which the whole-file
-loop (:func:`~bgsave.storage.retry.run_with_retries`) treats as final, so attempts do not multiply.
-Creating and completing the upload are not retried here: a failure there restarts the whole file
-in that loop (a completion whose answer was lost is safe to redo; retried alone it would meet
-``NoSuchUpload``).
+(logged with the URL, the part and the attempt); one that used up its attempts raises
+:class:`RetriesExhaustedError`, which the whole-file loop (:func:`~bgsave.storage.retry.run_with_retries`)
+treats as final, so attempts do not multiply. Creating and completing the upload are not retried
+here: a failure there restarts the whole file in that loop (a completion whose answer was lost is
+safe to redo; retried alone it would meet ``NoSuchUpload``).
 
 Reading large objects in parallel ranged GETs is :mod:`~bgsave.storage.ranges`; it shares
 :class:`Target` (one object, with the retry of one request) from here.
@@ -46,14 +45,21 @@ from typing import IO, Any, TypeVar, cast
 import fsspec.asyn
 
 from bgsave.storage.lanes import lanes
-from bgsave.storage.retry import Attempt, RetriesExhaustedError, RetryPolicy, describe, is_transient
+from bgsave.storage.retry import (
+    Attempt,
+    RetriesExhaustedError,
+    RetryPolicy,
+    abort_upload,
+    describe,
+    expired,
+    is_transient,
+)
 
 __all__ = (
     "PART_SIZE",
     "MultipartUpload",
     "PartWriter",
     "Target",
-    "expired",
     "part_size",
     "supported",
     "upload_local",
@@ -132,20 +138,6 @@ class Target:
         raise AssertionError("unreachable")
 
 
-def expired(exc: BaseException) -> bool:
-    """Whether ``exc`` says the object changed since the HEAD (its ETag no longer matches)."""
-    error: BaseException | None = exc
-    while error is not None:
-        response = getattr(error, "response", None)
-        if isinstance(response, dict) and (
-            response.get("Error", {}).get("Code") == "PreconditionFailed"
-            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
-        ):
-            return True
-        error = error.__cause__
-    return False
-
-
 # ---- writing ----------------------------------------------------------------------------------
 def _checksum_args(fs: Any) -> dict[str, str]:
     """``{"ChecksumAlgorithm": "CRC32"}`` where botocore checksums every part by default, else ``{}``.
@@ -165,7 +157,7 @@ class MultipartUpload:
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.upload_id: str | None = None
+        self._created: concurrent.futures.Future[str] | None = None  # the upload's id, once the store answered
         self._done: list[dict[str, Any]] = []  # acknowledged parts, in the order they were
         self._pending: dict[concurrent.futures.Future[dict[str, Any]], io.BytesIO] = {}
         self._spare: list[io.BytesIO] = []  # the buffers of acknowledged parts, to fill again
@@ -179,18 +171,28 @@ class MultipartUpload:
         part.seek(0)
         return part
 
+    def start(self) -> concurrent.futures.Future[str]:
+        """Create the upload, without waiting (the first part is read or serialized meanwhile); its id."""
+        if self._created is None:
+            self._checksum = _checksum_args(self.target.fs)
+            self._created = self.target.submit(self._create())
+        return self._created
+
+    async def _create(self) -> str:
+        t = self.target
+        response = await t.fs._call_s3("create_multipart_upload", Bucket=t.bucket, Key=t.key, **self._checksum)
+        return str(response["UploadId"])
+
     def send(self, data: io.BytesIO) -> None:
         """Send ``data`` up to its position as the next part (not the last); waits while too many are in flight."""
         self._raise_failed()
-        if self.upload_id is None:
-            self._checksum = _checksum_args(self.target.fs)
-            self.upload_id = str(self.target.call("create_multipart_upload", **self._checksum)["UploadId"])
+        created = self.start()
         while len(self._pending) >= self.target.concurrency:
             self._settle()
         number = len(self._done) + len(self._pending) + 1
         data.truncate(data.tell())
         lane = number % len(self._lanes)
-        part = self._part(lane, number, data, self._checksums(data))
+        part = self._part(created, lane, number, data, self._checksums(data))
         self._pending[asyncio.run_coroutine_threadsafe(part, self._lanes[lane].loop)] = data
 
     def _checksums(self, data: io.BytesIO) -> dict[str, str]:
@@ -201,14 +203,23 @@ class MultipartUpload:
             crc = zlib.crc32(view)
         return {**self._checksum, "ChecksumCRC32": base64.b64encode(crc.to_bytes(4, "big")).decode()}
 
-    async def _part(self, lane: int, number: int, data: io.BytesIO, checksums: dict[str, str]) -> dict[str, Any]:
+    async def _part(
+        self,
+        created: concurrent.futures.Future[str],
+        lane: int,
+        number: int,
+        data: io.BytesIO,
+        checksums: dict[str, str],
+    ) -> dict[str, Any]:
+        upload_id = await asyncio.wrap_future(created)  # a failed creation fails the write: not retried here
+
         async def upload() -> Any:
             data.seek(0)  # each attempt sends the part whole
             return await self._lanes[lane]._call_s3(
                 "upload_part",
                 Bucket=self.target.bucket,
                 Key=self.target.key,
-                UploadId=self.upload_id,
+                UploadId=upload_id,
                 PartNumber=number,
                 Body=data,
                 **checksums,
@@ -237,7 +248,7 @@ class MultipartUpload:
 
     def finish(self, last: io.BytesIO, before_commit: Callable[[], None] | None) -> None:
         """Send ``last`` (up to its position), wait for every part, run ``before_commit``, then commit."""
-        if self.upload_id is None:  # at most one part: one PUT
+        if self._created is None:  # at most one part: one PUT
             if before_commit is not None:
                 before_commit()
             last.truncate(last.tell())
@@ -252,10 +263,10 @@ class MultipartUpload:
                 before_commit()
             self.target.call(
                 "complete_multipart_upload",
-                UploadId=self.upload_id,
+                UploadId=self._created.result(),
                 MultipartUpload={"Parts": sorted(self._done, key=operator.itemgetter("PartNumber"))},
             )
-            self.upload_id = None
+            self._created = None
         self.target.fs.invalidate_cache(f"{self.target.bucket}/{self.target.key}")
 
     def abort(self) -> None:
@@ -265,25 +276,14 @@ class MultipartUpload:
         # Not cancelled: a part still being received when the upload is aborted could survive it.
         concurrent.futures.wait(self._pending)
         self._pending.clear()
-        if self.upload_id is None:
+        if self._created is None or self._created.exception() is not None:  # no upload was made
             return
-        policy = self.target.policy
-        for number in range(1, policy.attempts + 1):
-            try:
-                self.target.call("abort_multipart_upload", UploadId=self.upload_id)
-                return
-            except FileNotFoundError:  # NoSuchUpload: already gone
-                return
-            except Exception as exc:
-                if not is_transient(exc) or number == policy.attempts:
-                    logger.warning(
-                        "could not abort the unfinished upload of %s (%s); it may remain until the "
-                        "bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it",
-                        self.target.shown,
-                        describe(exc),
-                    )
-                    return
-                fsspec.asyn.sync(self.target.fs.loop, asyncio.sleep, policy.delay(number))
+        upload_id = self._created.result()
+        abort_upload(
+            self.target.policy,
+            self.target.shown,
+            lambda: self.target.call("abort_multipart_upload", UploadId=upload_id),
+        )
 
 
 class PartWriter(io.RawIOBase):
@@ -366,6 +366,8 @@ def upload_local(target: Target, local_path: str) -> int:
         size = os.fstat(fd).st_size
         piece = max(PART_SIZE, -(-size // _MAX_PARTS // 2**20) * 2**20)  # whole MiB, within 10,000 parts
         offsets = range(0, max(size, 1), piece)
+        if len(offsets) > 1:
+            upload.start()  # while the first part is read
         for offset in offsets:
             if hasattr(os, "posix_fadvise"):  # checkpoints are written past the page cache: read ahead
                 os.posix_fadvise(fd, offset + piece, 2 * piece, os.POSIX_FADV_WILLNEED)

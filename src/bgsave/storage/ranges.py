@@ -20,7 +20,8 @@ from typing import IO, Any, cast
 
 import fsspec.asyn
 
-from bgsave.storage.parts import Target, expired
+from bgsave.storage.parts import Target
+from bgsave.storage.retry import expired
 
 __all__ = ("READ_BLOCK", "ParallelReader", "open_reader")
 

@@ -29,7 +29,9 @@ __all__ = (
     "Attempt",
     "RetriesExhaustedError",
     "RetryPolicy",
+    "abort_upload",
     "describe",
+    "expired",
     "final_error",
     "is_transient",
     "run_with_retries",
@@ -139,6 +141,20 @@ def is_transient(exc: BaseException) -> bool:
             cls.__name__ in _TRANSIENT_CLASS_NAMES for cls in type(error).__mro__
         ):
             return True
+    return False
+
+
+def expired(exc: BaseException) -> bool:
+    """Whether ``exc`` says the object changed since the HEAD (its ETag no longer matches)."""
+    error: BaseException | None = exc
+    while error is not None:
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and (
+            response.get("Error", {}).get("Code") == "PreconditionFailed"
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+        ):
+            return True
+        error = error.__cause__
     return False
 
 
@@ -297,6 +313,29 @@ class Attempt:
         result = code(cast(IO[bytes], self.guard))
         self.in_caller = False
         return result
+
+
+def abort_upload(policy: RetryPolicy, shown: str, abort: Callable[[], object]) -> None:
+    """Abort an unfinished multipart upload of ``shown``: retried (a leaked one is billed), never raising.
+
+    An abort that still fails is logged with the URL; the bucket's lifecycle rule is the last resort.
+    """
+    for number in range(1, policy.attempts + 1):
+        try:
+            abort()
+            return
+        except FileNotFoundError:  # NoSuchUpload: already gone
+            return
+        except Exception as exc:
+            if not is_transient(exc) or number == policy.attempts:
+                logger.warning(
+                    "could not abort the unfinished upload of %s (%s); it may remain until the "
+                    "bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it",
+                    shown,
+                    describe(exc),
+                )
+                return
+            time.sleep(policy.delay(number))
 
 
 def run_with_retries(policy: RetryPolicy, what: str, shown: str, operation: Callable[[Attempt], T]) -> T:
