@@ -154,9 +154,13 @@ def _copy_host(buf: torch.Tensor, storage: torch.UntypedStorage) -> None:
 _PAGE_ALIGNED_MIN = 2**20
 
 
-# Linux's madvise(2) advice that faults a whole range in, writable, in one call (5.14+; Python's mmap
-# module does not name it). Elsewhere the number means something else, so it is only used on Linux.
-_MADV_POPULATE_WRITE = 23 if sys.platform == "linux" else None
+# Huge pages, then Linux's MADV_POPULATE_WRITE (23: faults the whole range in, writable, in one call;
+# 5.14+, and Python's mmap module does not name it). Elsewhere 23 means something else: Linux only.
+_ADVICE = tuple(
+    advice
+    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), 23 if sys.platform == "linux" else None)
+    if advice is not None
+)
 
 
 def _new_buffer(size: int, pin: bool) -> torch.Tensor:
@@ -174,10 +178,9 @@ def _new_buffer(size: int, pin: bool) -> torch.Tensor:
     if pin or size < _PAGE_ALIGNED_MIN:
         return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
     pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
-        if advice is not None:
-            with contextlib.suppress(OSError):  # an older kernel, or no huge pages: faulted in as it is copied
-                pages.madvise(advice)
+    for advice in _ADVICE:
+        with contextlib.suppress(OSError):  # an older kernel, or no huge pages: faulted in as it is copied
+            pages.madvise(advice)
     return torch.frombuffer(pages, dtype=torch.uint8)
 
 

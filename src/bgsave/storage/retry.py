@@ -320,22 +320,17 @@ def abort_upload(policy: RetryPolicy, shown: str, abort: Callable[[], object]) -
 
     An abort that still fails is logged with the URL; the bucket's lifecycle rule is the last resort.
     """
-    for number in range(1, policy.attempts + 1):
-        try:
-            abort()
-            return
-        except FileNotFoundError:  # NoSuchUpload: already gone
-            return
-        except Exception as exc:
-            if not is_transient(exc) or number == policy.attempts:
-                logger.warning(
-                    "could not abort the unfinished upload of %s (%s); it may remain until the "
-                    "bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it",
-                    shown,
-                    describe(exc),
-                )
-                return
-            time.sleep(policy.delay(number))
+    try:
+        run_with_retries(policy, "aborting the upload of", shown, lambda attempt: abort())
+    except FileNotFoundError:  # NoSuchUpload: already gone
+        pass
+    except Exception as exc:
+        logger.warning(
+            "could not abort the unfinished upload of %s (%s); it may remain until the "
+            "bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it",
+            shown,
+            describe(exc.__cause__ or exc),
+        )
 
 
 def run_with_retries(policy: RetryPolicy, what: str, shown: str, operation: Callable[[Attempt], T]) -> T:
