@@ -72,24 +72,6 @@ class Slots:
             self._cond.notify_all()
 
 
-# The backpressure WARNING: only for waits that cost the loop something, and at most this often.
-_WARN_MIN_WAIT_S = 0.05
-_WARN_MIN_SHARE = 0.1
-__WARN_EVERY_S = 60.0
-
-
-def backpressure_matters(waited: float, since_previous: float | None) -> bool:
-    """Whether a save's wait for a slot is worth a WARNING.
-
-    A loop that saves every epoch waits a millisecond or two for the previous write now and then:
-    not worth advice. A wait matters when it is over 50 ms *and* over a tenth of the time since the
-    previous save (the loop then spends a noticeable share of its time waiting for storage).
-    """
-    if waited <= _WARN_MIN_WAIT_S:
-        return False
-    return since_previous is None or waited > _WARN_MIN_SHARE * since_previous
-
-
 class Advisor:
     """Logs the advice to save less often when a wait for a slot matters, at most once a minute."""
 
