@@ -102,6 +102,22 @@ def test_the_s3_benchmark_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="moto (the dev extra) is not installed")
+def test_the_s3_save_trace_runs(tmp_path: Path) -> None:
+    """trace_s3_save.py at 9 MiB (two parts), one round: each save's phases from its requests, the git SHA written."""
+    out = tmp_path / "trace.json"
+    stdout = run("trace_s3_save.py", "--size-mb", "9", "--rounds", "1", "--dir", str(tmp_path), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["git_sha"] and report["transfer_manager_s"] > 0
+    for name in ("direct", "later", "mirror"):
+        phases = report["medians"][name]
+        assert set(phases) == {"total", "stall", "to_first_part", "parts", "to_complete", "complete", "to_durable"}
+        assert all(value >= 0 for value in phases.values()), (name, phases)
+        assert phases["parts"] + phases["complete"] <= phases["total"], (name, phases)
+    assert "complete_multipart_upload" in stdout and "upload_part 2" in stdout
+    assert list(tmp_path.glob("trace-s3-*")) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="moto (the dev extra) is not installed")
 def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
     """bench_mirror.py at 8 MiB, one round, moto in its own process: every upload and load, the proxy's cap held."""
     out = tmp_path / "mirror.json"
