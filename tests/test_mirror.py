@@ -342,6 +342,51 @@ def test_a_late_score_for_an_epoch_an_earlier_manager_mirrored_sends_only_the_si
     assert b"score: 0.5" in fs.cat_file(path + "/checkpoints/model_0003.yaml")
 
 
+def test_the_mirrors_old_sidecar_is_deleted_before_a_reupload_and_only_where_there_is_one(
+    local_run_dir: str, mirror: str
+) -> None:
+    """A first upload sends no DELETE; a re-save (this manager's, or one an earlier manager mirrored) deletes the
+    mirror's sidecar of that epoch before its new weights go up, so a reader never pairs them."""
+
+    def recorded(mgr: CheckpointManager) -> list[tuple[str, str]]:
+        storage = mgr._mirror.storage  # type: ignore[union-attr]
+        real_delete, real_upload, calls = storage.delete, storage.upload_file, []
+
+        def delete(path: str) -> None:
+            calls.append(("delete", path.rsplit("/", 1)[-1]))
+            real_delete(path)
+
+        def upload(local_path: str, path: str) -> int:
+            calls.append(("upload", path.rsplit("/", 1)[-1]))
+            return real_upload(local_path, path)
+
+        storage.delete, storage.upload_file = delete, upload  # type: ignore[method-assign]
+        return calls
+
+    with CheckpointManager(local_run_dir, "exp", mirror=mirror) as mgr:
+        calls = recorded(mgr)
+        mgr.save_agent(Agent(seed=1), 1)
+        mgr.wait()
+        assert calls == [("upload", "model_0001.pt")]
+        mgr.save_agent(Agent(seed=2), 1)  # a re-save of the epoch this manager mirrored
+        mgr.wait()
+        assert calls[1:] == [("delete", "model_0001.yaml"), ("upload", "model_0001.pt")]
+    with CheckpointManager(local_run_dir, "exp", mirror=mirror) as mgr:
+        calls = recorded(mgr)
+        mgr.save_agent(Agent(seed=3), 2)
+        mgr.save_agent(Agent(seed=4), 1)  # an earlier manager mirrored it: its sidecar was listed at the claim
+        mgr.wait()
+    assert sorted(c for c in calls if c[1].startswith("model_")) == [
+        ("delete", "model_0001.yaml"),
+        ("upload", "model_0001.pt"),
+        ("upload", "model_0002.pt"),
+    ]
+    assert calls.index(("delete", "model_0001.yaml")) < calls.index(("upload", "model_0001.pt"))
+    assert committed(mirror_names(mirror)) == {1, 2}
+    with CheckpointManager(mirror, "exp") as reader:
+        assert_state_equal(state_of(Agent(seed=4)), reader.load_agent(1))
+
+
 def test_a_failed_upload_leaves_nothing_of_its_epoch_in_the_mirror(local_run_dir: str, mirror: str) -> None:
     """The .pt went up, the trainer state failed: the .pt is removed again; the mirror shows nothing of epoch 2."""
     mgr = CheckpointManager(local_run_dir, "exp", mirror=mirror, retry=bgsave.RetryPolicy(attempts=1))

@@ -5,8 +5,9 @@
     worker, lane 1     local commit: model_N.pt, trainer_N.pt, model_N.yaml (sidecar last)
     worker, lane 2     Mirror.committed(N): due (every n-th)? then queued; never waits for the bucket
     uploader thread    the newest queued epoch first: the mirror's old sidecar of N deleted (a
-                       re-save), model_N.pt and trainer_N.pt uploaded from the local files (parallel
-                       parts), the sidecar last; then the mirror's retention (sidecar first)
+                       re-save; no request where the mirror has none), model_N.pt and
+                       trainer_N.pt uploaded from the local files (parallel parts), the
+                       sidecar last; then the mirror's retention (sidecar first)
 
 The mirror is a run directory of its own (same layout, same writer lock): bgsave reads it as any.
 A checkpoint due for the mirror is kept by local retention until its mirrored sidecar exists
@@ -91,6 +92,9 @@ class Mirror:
         self._uploading: int | None = None
         self._failed: dict[int, str] = {}
         self._sent: dict[int, dict[str, object]] = {}  # epoch -> local file name -> its tag when uploaded
+        # Epochs whose sidecar may be in the mirror: those listed at the claim, and those this writer
+        # uploads since (only the lock's holder writes sidecars there). None: not listed yet.
+        self._sidecars: set[int] | None = None
         self._upload_s: dict[int, float] = {}
         self._committed = 0  # committed checkpoints seen (the after-lane only): every_n's index
         self._warned = False
@@ -139,6 +143,7 @@ class Mirror:
             self.storage.delete(self.catalog.path_of(name))
         if debris:
             logger.info("%s: removed %d file(s) a killed upload left: %s", self.url, len(debris), ", ".join(debris))
+        self._sidecars = set(sidecars)
         newest = max(pts & sidecars, default=-1)
         missing = {e for e in self._local.epochs() if e > newest}
         if missing:
@@ -280,7 +285,8 @@ class Mirror:
         sidecar = local.storage.read_bytes(local.path_of(yml))
         if changed or stale:  # the data changes: readers must not pair the old sidecar with new files
             self.catalog.forget(epoch)
-            self.storage.delete(self.catalog.path_of(yml))
+            if self._sidecars is None or epoch in self._sidecars:  # else there is none: one request fewer
+                self.storage.delete(self.catalog.path_of(yml))
         for name in stale:
             self.storage.delete(self.catalog.path_of(name))
         try:
@@ -303,6 +309,8 @@ class Mirror:
                 self._pending.add(epoch)
             return
         if changed or stale or sent.get(yml) != files[yml].tag:
+            if self._sidecars is not None:
+                self._sidecars.add(epoch)  # before the write: one that fails half-way may still have landed
             self.storage.write_bytes_atomic(self.catalog.path_of(yml), sidecar)
             self.catalog.wrote(epoch, sidecar_schema.loads(sidecar, source=local.path_of(yml)), len(sidecar))
         with self._cond:
