@@ -310,6 +310,55 @@ def test_the_first_write_removes_what_a_killed_save_or_prune_left_for_good(local
     ]
 
 
+def deletes(mgr: CheckpointManager) -> list[str]:
+    """The checkpoint files the manager deletes from now on (its real storage's ``delete``, wrapped)."""
+    storage = mgr._catalog.storage
+    real, deleted = storage.delete, []
+
+    def delete(path: str) -> None:
+        name = os.path.basename(path)
+        if name.startswith(("model_", "trainer_")):  # not the writer lock's own temp file
+            deleted.append(name)
+        real(path)
+
+    storage.delete = delete  # type: ignore[method-assign]
+    return deleted
+
+
+def test_a_new_epoch_deletes_nothing_and_a_resave_uncommits_the_old_sidecar_and_trainer_state(
+    local_run_dir: str,
+) -> None:
+    """No DELETE for an epoch that has no files; a re-save of one this manager or an earlier one wrote, or one
+    with a killed save's trainer state, deletes the old sidecar and trainer state before the new .pt commits."""
+    agent = Agent()
+    optimizer = make_optimizer(agent)
+    with CheckpointManager(local_run_dir, "resave") as mgr:
+        deleted = deletes(mgr)
+        for epoch in (1, 2):
+            mgr.save_at_interval(agent, epoch, interval=1, optimizer=optimizer)
+        mgr.wait()
+        assert deleted == []
+        mgr.save_agent(Agent(seed=1), 1)  # agent only: the old trainer state must not pair with it
+        mgr.wait()
+        assert deleted == ["model_0001.yaml", "trainer_0001.pt"]
+    checkpoints = os.path.join(local_run_dir, "checkpoints")
+    os.remove(os.path.join(checkpoints, "model_0002.yaml"))  # epoch 2's save killed before its sidecar...
+    os.remove(os.path.join(checkpoints, "model_0002.pt"))  # ...and its .pt: only its trainer state is left
+    with CheckpointManager(local_run_dir, "resave") as mgr:
+        deleted = deletes(mgr)
+        mgr.save_agent(Agent(seed=2), 2)  # the killed save's trainer state was listed with the lock
+        mgr.save_agent(Agent(seed=3), 3)
+        mgr.save_agent(Agent(seed=4), 1)  # committed by the earlier manager
+        mgr.wait()
+        assert deleted == ["model_0002.yaml", "trainer_0002.pt", "model_0001.yaml", "trainer_0001.pt"]
+        start = mgr.start_run(Agent)
+    assert names(local_run_dir) == ["model_0001.pt", "model_0001.yaml", "model_0002.pt", "model_0002.yaml"] + [
+        "model_0003.pt",
+        "model_0003.yaml",
+    ]
+    assert start.epoch == 3 and start.trainer_state is None
+
+
 def test_a_refused_agent_save_does_not_unpair_a_trainer_state_saved_before(local_run_dir: str) -> None:
     """Trainer state first, an agent refused at the call, then the agent again: the trainer file stays paired."""
     agent = Agent()
