@@ -352,10 +352,7 @@ def test_a_new_epoch_deletes_nothing_and_a_resave_uncommits_the_old_sidecar_and_
         mgr.wait()
         assert deleted == ["model_0002.yaml", "trainer_0002.pt", "model_0001.yaml", "trainer_0001.pt"]
         start = mgr.start_run(Agent)
-    assert names(local_run_dir) == ["model_0001.pt", "model_0001.yaml", "model_0002.pt", "model_0002.yaml"] + [
-        "model_0003.pt",
-        "model_0003.yaml",
-    ]
+    assert names(local_run_dir) == [f"model_000{e}.{suffix}" for e in (1, 2, 3) for suffix in ("pt", "yaml")]
     assert start.epoch == 3 and start.trainer_state is None
 
 
