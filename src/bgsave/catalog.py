@@ -25,6 +25,7 @@ from typing import Any
 from bgsave import catalog_index, layout
 from bgsave import sidecar as sidecar_schema
 from bgsave.errors import CheckpointWriteError
+from bgsave.lock import HolderKnows
 from bgsave.policies import ranked, resume_candidates
 from bgsave.storage import FileFacts, Storage, open_storage
 
@@ -107,6 +108,7 @@ class Catalog:
         self._sidecars: dict[str, dict[str, Any]] = {}
         self._infos: dict[int, CheckpointInfo] = {}
         self._index_tried = False
+        self.holder_knows = HolderKnows()  # filled by the writer that holds this tier's lock
 
     # ---- questions ------------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:

@@ -6,7 +6,7 @@
   sidecar of epochs older than the newest committed one (a killed save or prune), and any
   ``model_N.dcp`` directory without its sidecar (a killed sharded save). Nothing else. The writer
   learns from that listing which epochs have a sidecar or trainer state, so that saving a new epoch
-  needs no DELETE of an old one (:meth:`bgsave.writer.Writer.listed`). With a mirror, then the
+  needs no DELETE of an old one (:class:`bgsave.lock.HolderKnows`). With a mirror, then the
   mirror's lock and leftovers (:meth:`bgsave.mirror.Mirror.claim`).
 * **close()** flushes the worker, stops it, waits for the mirror's uploads, writes the catalog's
   index (:mod:`bgsave.catalog_index`), releases the locks and drops the snapshot buffers; under
@@ -54,14 +54,12 @@ class Lifecycle:
         catalog: Catalog,
         *,
         mirror: Mirror | None,
-        listed: Callable[[set[int]], None],
     ) -> None:
         self._worker = worker
         self._pool = pool
         self._lock = lock
         self._catalog = catalog
         self._mirror = mirror
-        self._listed = listed  # the writer's: which epochs have a sidecar or trainer state (Writer.listed)
         self._preemption: Preemption | None = None
         self._finalizer = weakref.finalize(owner, _close_quietly, worker, pool, lock, worker.name, mirror)
         self._finalizer.atexit = False
@@ -95,7 +93,7 @@ class Lifecycle:
         catalog = self._catalog
         files = catalog.storage.list_files(catalog.directory)
         pts, sidecars = layout.epochs_in(files)
-        self._listed(sidecars | layout.trainer_epochs_in(files))
+        catalog.holder_knows.listed(sidecars | layout.trainer_epochs_in(files))
         committed = pts & sidecars
         newest = max(committed, default=-1)
         shards = layout.dcp_epochs_in(files)

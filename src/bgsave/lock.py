@@ -20,6 +20,8 @@ the checkpoints, ``{run_dir}/.bgsave-writer.lock``::
   stale file is removed and the create retried, so of two writers taking over at once only one wins
   on local disk and on S3; the loser is refused.
 * **Releasing** (``close()``, or the manager being dropped) deletes the file if it is still ours.
+* **What the holder knows** (:class:`HolderKnows`): only it writes, so the listing taken with the lock
+  and its own writes since say which epochs have files that a save would first have to uncommit.
 
 Limits: clocks of different hosts are compared through the heartbeat, so hosts must agree on the
 time to within ``STALE_AFTER``; on S3, removing a stale lock is not conditional, so two writers that
@@ -35,14 +37,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from bgsave import layout
 from bgsave.errors import RunLockedError
 from bgsave.storage import Storage
 
-__all__ = ("LOCK_NAME", "STALE_AFTER", "WriterLock")
+__all__ = ("LOCK_NAME", "STALE_AFTER", "HolderKnows", "WriterLock")
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +204,28 @@ class WriterLock:
         if holder is not None and holder.get("token") == self._token:
             self._storage.delete(self.path)
             logger.debug("released writer lock %s", self.path)
+
+
+class HolderKnows:
+    """Which epochs of a tier may have a sidecar or trainer state, as its writer lock's holder knows.
+
+    Only the holder writes in a locked tier, so the epochs the listing taken with the lock found, and
+    those the holder writes since, are all there can be: a save of any other epoch has nothing old to
+    uncommit and sends no DELETE. Until the listing, any epoch may.
+    """
+
+    def __init__(self) -> None:
+        self._listed: set[int] | None = None
+        self._written: set[int] = set()
+
+    def listed(self, epochs: Iterable[int]) -> None:
+        """The epochs with a sidecar or trainer state when the lock was taken."""
+        self._listed = set(epochs)
+
+    def writing(self, epoch: int) -> None:
+        """``epoch`` is about to get a file (before the write: one that fails half-way may still have landed)."""
+        self._written.add(epoch)
+
+    def may_have_files(self, epoch: int) -> bool:
+        """Whether ``epoch`` may have a sidecar or trainer state in the tier."""
+        return self._listed is None or epoch in self._listed or epoch in self._written

@@ -169,9 +169,7 @@ class CheckpointManager(Finding, Starting):
             in_flight=worker.in_flight,
             mirror=self._mirror,
         )
-        self._life = Lifecycle(
-            self, worker, self._writer.pool, lock, self._catalog, mirror=self._mirror, listed=self._writer.listed
-        )
+        self._life = Lifecycle(self, worker, self._writer.pool, lock, self._catalog, mirror=self._mirror)
         self._saving = Saving(
             ranks=self._ranks,
             writer=self._writer,

@@ -92,9 +92,6 @@ class Mirror:
         self._uploading: int | None = None
         self._failed: dict[int, str] = {}
         self._sent: dict[int, dict[str, object]] = {}  # epoch -> local file name -> its tag when uploaded
-        # Epochs whose sidecar may be in the mirror: those listed at the claim, and those this writer
-        # uploads since (only the lock's holder writes sidecars there). None: not listed yet.
-        self._sidecars: set[int] | None = None
         self._upload_s: dict[int, float] = {}
         self._committed = 0  # committed checkpoints seen (the after-lane only): every_n's index
         self._warned = False
@@ -143,7 +140,7 @@ class Mirror:
             self.storage.delete(self.catalog.path_of(name))
         if debris:
             logger.info("%s: removed %d file(s) a killed upload left: %s", self.url, len(debris), ", ".join(debris))
-        self._sidecars = set(sidecars)
+        self.catalog.holder_knows.listed(sidecars)
         newest = max(pts & sidecars, default=-1)
         missing = {e for e in self._local.epochs() if e > newest}
         if missing:
@@ -285,7 +282,7 @@ class Mirror:
         sidecar = local.storage.read_bytes(local.path_of(yml))
         if changed or stale:  # the data changes: readers must not pair the old sidecar with new files
             self.catalog.forget(epoch)
-            if self._sidecars is None or epoch in self._sidecars:  # else there is none: one request fewer
+            if self.catalog.holder_knows.may_have_files(epoch):  # else there is none: one request fewer
                 self.storage.delete(self.catalog.path_of(yml))
         for name in stale:
             self.storage.delete(self.catalog.path_of(name))
@@ -309,8 +306,7 @@ class Mirror:
                 self._pending.add(epoch)
             return
         if changed or stale or sent.get(yml) != files[yml].tag:
-            if self._sidecars is not None:
-                self._sidecars.add(epoch)  # before the write: one that fails half-way may still have landed
+            self.catalog.holder_knows.writing(epoch)
             self.storage.write_bytes_atomic(self.catalog.path_of(yml), sidecar)
             self.catalog.wrote(epoch, sidecar_schema.loads(sidecar, source=local.path_of(yml)), len(sidecar))
         with self._cond:

@@ -17,7 +17,7 @@ checkpoint. A failed save leaves nothing of itself: its partial ``.pt`` is remov
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -81,24 +81,9 @@ class Writer:
         # how a trainer state saved by its own call is paired with its agent's.
         self._agent_epoch: int | None = None
         self._trainer_epoch: int | None = None
-        # Which epochs may have a sidecar or trainer state to uncommit before a new .pt of theirs: those
-        # the listing taken with the writer lock found, and those this writer writes since (only the
-        # lock's holder writes here; every job that writes a file calls _writing first). None: not
-        # listed yet, so any may. A new epoch is in neither, and its save sends no DELETE.
-        self._listed: set[int] | None = None
-        self._written: set[int] = set()
+        # What may exist to uncommit (bgsave.lock.HolderKnows): every job that writes a file tells it first.
+        self._known = catalog.holder_knows
         self.pool = SnapshotPool()
-
-    def listed(self, epochs: Iterable[int]) -> None:
-        """The epochs with a sidecar or trainer state in the run directory when the writer lock was taken."""
-        self._listed = set(epochs)
-
-    def _writing(self, epoch: int) -> None:
-        """Epoch is about to get a file of this writer (before the write: a failed one may still have landed)."""
-        self._written.add(epoch)
-
-    def _may_have_files(self, epoch: int) -> bool:
-        return self._listed is None or epoch in self._listed or epoch in self._written
 
     def display(self, epoch: int, suffix: str = layout.PT) -> str:
         """What users see for epoch's ``.pt`` (or ``.yaml``)."""
@@ -151,7 +136,7 @@ class Writer:
             return payload
 
         def execute(payload: Payload) -> int:
-            self._writing(epoch)
+            self._known.writing(epoch)
             return self._write_torch(path, payload[0])
 
         return Job(
@@ -182,7 +167,7 @@ class Writer:
 
         def execute(payload: Payload | None) -> int:
             saved.result()  # every rank's shards and .metadata are written (DCP's last all_reduce)
-            self._writing(epoch)
+            self._known.writing(epoch)
             size = 0
             if payload is not None:
                 size += self._write_torch(trainer_path, payload[0])
@@ -218,7 +203,7 @@ class Writer:
                 raise CheckpointNotFoundError(f"no committed checkpoint for epoch {epoch}", epoch=epoch, path=shown)
             sidecar = {**info.sidecar, **values}
             data = sidecar_schema.dumps(sidecar)
-            self._writing(epoch)
+            self._known.writing(epoch)
             size = self._storage.write_bytes_atomic(self._catalog.path(epoch, layout.YAML), data)
             self._catalog.wrote(epoch, sidecar, len(data))
             return size
@@ -277,8 +262,8 @@ class Writer:
         trainer_path = self._catalog.path_of(layout.trainer_name(epoch))
         yml = self._catalog.path(epoch, layout.YAML)
 
-        stale = self._may_have_files(epoch)  # else there is nothing to uncommit: no request
-        self._writing(epoch)
+        stale = self._known.may_have_files(epoch)  # else there is nothing to uncommit: no request
+        self._known.writing(epoch)
 
         def uncommit_old() -> None:
             self._catalog.forget(epoch)
