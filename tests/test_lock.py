@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -152,4 +154,55 @@ def test_missing_bucket_fails_at_the_first_save_naming_the_url(s3_endpoint: str)
     with pytest.raises(CheckpointWriteError, match="bgsave-no-such-bucket-x") as info:
         mgr.save_agent(torch.nn.Linear(2, 2), 0)
     assert isinstance(info.value.__cause__, OSError)
+    mgr.close()
+
+
+def test_the_first_claim_runs_beside_the_snapshot(any_run_dir: str) -> None:
+    """The first save's lock and listing go out while its snapshot is taken; its write waits for the lock.
+
+    The listing and the snapshot meet at a barrier: run one after the other, they would never meet.
+    """
+    met = threading.Barrier(2, timeout=30)
+    with CheckpointManager(any_run_dir, "beside") as mgr:
+        storage, pool = mgr._catalog.storage, mgr._writer.pool
+        list_files, take = storage.list_files, pool.take
+
+        def listing(directory: str) -> Any:
+            met.wait()
+            return list_files(directory)
+
+        def snapshot(kind: str, obj: object) -> Any:
+            if kind == "agent":
+                met.wait()
+            return take(kind, obj)
+
+        storage.list_files, pool.take = listing, snapshot  # type: ignore[method-assign]
+        mgr.save_agent(torch.nn.Linear(2, 2), 0)
+        storage.list_files, pool.take = list_files, take  # type: ignore[method-assign]
+        mgr.save_agent(torch.nn.Linear(2, 2), 1)
+        mgr.wait()
+        assert [i.epoch for i in mgr.checkpoints()] == [0, 1]
+
+
+def test_a_refused_first_claim_gives_its_snapshot_back(local_run_dir: str) -> None:
+    """The claim refused beside the snapshot: RunLockedError, the snapshot's buffers given back, nothing written."""
+    with CheckpointManager(local_run_dir, "holder") as holder:
+        holder.save_agent(torch.nn.Linear(2, 2), 0)
+        holder.wait()
+        mgr = CheckpointManager(local_run_dir, "late")
+        pool = mgr._writer.pool
+        release, released = pool.release, []
+
+        def give_back(snapshot: Any) -> None:
+            released.append(snapshot.kind)
+            release(snapshot)
+
+        pool.release = give_back  # type: ignore[method-assign]
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            mgr.save_agent(torch.nn.Linear(2, 2), 1)
+        assert released == ["agent"]
+        assert [i.epoch for i in mgr.checkpoints()] == [0]
+    mgr.save_agent(torch.nn.Linear(2, 2), 1)  # the claim is tried again, and taken now
+    mgr.wait()
+    assert [i.epoch for i in mgr.checkpoints()] == [0, 1]
     mgr.close()

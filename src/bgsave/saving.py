@@ -6,7 +6,8 @@
                      unwrap DDP / torch.compile (bgsave.sharding.unwrap): the plain module is saved
                      a sharded (FSDP) agent: sharding="full" gathers it (bgsave.sharding), every rank
                      in the gather; sharding="dcp" starts every rank's DCP save (bgsave.shards)
-    rank 0 only      the job (bgsave.writer), into the worker (bgsave.worker), after the lock
+    rank 0 only      the job (bgsave.writer), into the worker (bgsave.worker), once the lock is held
+                     (the first lock taken while the snapshot is: bgsave.lifecycle)
     other ranks      nothing more: no I/O, no lock, no snapshot, no wait
 
 One process is rank 0 of 1 (:mod:`bgsave.distributed`), so this is also the whole path of a save
@@ -140,7 +141,6 @@ class Saving:
             return
         self._life.run_final_save()
         self._worker.raise_errors()
-        self._life.claim()
-        self._worker.submit(job)
+        self._worker.submit(self._life.claiming(job))
         if job.needs_slot:  # a save, not a sidecar edit
             self._life.saved(requested)
