@@ -3,16 +3,18 @@
 ``bench_mirror.py`` gives the ratios; this says what makes them. Per round, boto3's TransferManager
 uploads the committed file (the reference, as in ``bench_mirror.py``), then three saves are traced,
 each S3 request timed from the ``save_agent`` call (s3fs's ``_call_s3`` is wrapped, so bgsave's own
-lanes are traced too):
+lanes are traced too, and its sync ``call_s3``, which the lock's small PUT goes through):
 
   direct   a fresh manager on ``s3://`` (no ``start_run``): its first save, to durable (``wait()``)
   later    the same manager's next save, as in a training loop
   mirror   a local run directory with ``mirror="s3://..."``: the epoch's upload (``upload_s``)
 
-Each is split into phases: ``stall`` (in ``save_agent``), ``to_first_part`` (call to the first
-``upload_part``), ``parts`` (first part sent to last part acknowledged), ``to_complete`` (then to
-``complete_multipart_upload``: the old sidecar and trainer state uncommitted), ``complete`` and
-``to_durable`` (the sidecar). The requests of the last round are printed one per line.
+TransferManager's own requests are traced too (botocore's ``before-call`` / ``after-call`` events),
+so its phases stand beside bgsave's. Each is split into phases: ``stall`` (in ``save_agent``),
+``to_first_part`` (call to the first ``upload_part``), ``parts`` (first part sent to last part
+acknowledged), ``to_complete`` (then to ``complete_multipart_upload``: the old sidecar and trainer
+state uncommitted), ``complete`` and ``to_durable`` (the sidecar). The requests of the last round
+are printed one per line.
 
 Usage:
     python benchmarks/trace_s3_save.py [--size-mb 128] [--rounds 3] [--out benchmarks/results/trace_s3_DATE.json]
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fsspec.asyn
 import s3fs.core
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,10 +45,12 @@ from harness.report import RESULTS_DIR, make_target, write_report
 import crash_child
 from bgsave import CheckpointManager
 
+NAMES = ("transfer_manager", "direct", "later", "mirror")
 Request = tuple[str, int | None, float, float]  # method, part number, start, end (s since the save call)
 _requests: list[Request] = []
 _origin = [0.0]
 _call_s3 = s3fs.core.S3FileSystem._call_s3
+_sync_call_s3 = s3fs.core.S3FileSystem.call_s3  # what S3File (the lock's small PUT) calls
 
 
 async def _traced(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -76,10 +81,34 @@ def phases(total: float, stall: float, requests: list[Request]) -> dict[str, flo
 
 
 class Traces:
-    """The three traced saves of one size (see the module docstring)."""
+    """The traced saves of one size, and TransferManager's traced upload (see the module docstring)."""
 
     def __init__(self, size: Size) -> None:
         self.size = size
+        events = size.s3.client.meta.events
+        events.register("provide-client-params.s3", self._params)
+        events.register("before-call.s3", self._before)
+        events.register("after-call.s3", self._after)
+
+    @staticmethod
+    def _params(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["trace_part"] = params.get("PartNumber")
+
+    @staticmethod
+    def _before(model: Any, context: dict[str, Any], **_: Any) -> None:
+        context["trace_began"] = time.perf_counter()
+
+    @staticmethod
+    def _after(model: Any, context: dict[str, Any], **_: Any) -> None:
+        began, now = context.get("trace_began", _origin[0]), time.perf_counter()
+        number = context.get("trace_part")
+        _requests.append((_snake(model.name), number, began - _origin[0], now - _origin[0]))
+
+    def transfer_manager(self, prefix: str) -> tuple[float, float, list[Request]]:
+        _requests.clear()
+        _origin[0] = time.perf_counter()
+        total = self.size.transfer_manager(prefix)["s"]
+        return total, 0.0, [r for r in _requests if r[2] >= 0]
 
     def direct(self, prefix: str, later: bool) -> tuple[float, float, list[Request]]:
         with CheckpointManager(self.size.url(prefix), RUN) as mgr:
@@ -111,6 +140,11 @@ class Traces:
         return status.upload_s, stall, [(m, n, a - start, b - start) for m, n, a, b in requests if a >= start]
 
 
+def _snake(name: str) -> str:
+    """botocore's operation name as s3fs's method name: ``UploadPart`` -> ``upload_part``."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
 def show(name: str, requests: list[Request]) -> None:
     print(f"  {name}:")
     for method, number, began, ended in requests:
@@ -130,15 +164,17 @@ def main() -> int:
     out = args.out or RESULTS_DIR / f"trace_s3_{started:%Y-%m-%d}.json"
     rounds: list[dict[str, Any]] = []
     s3fs.core.S3FileSystem._call_s3 = _traced  # type: ignore[method-assign]
+    s3fs.core.S3FileSystem.call_s3 = fsspec.asyn.sync_wrapper(_traced)  # type: ignore[method-assign]
     try:
         with crash_child.moto_server() as moto:
             os.environ.update(crash_child.s3_env(moto))
             size = Size(args.size_mb, S3(moto), scratch, f"trace-{args.size_mb}")
             traces = Traces(size)
             for round_ in range(args.rounds):
-                row: dict[str, Any] = {"transfer_manager": size.transfer_manager(f"tm/{round_}")["s"]}
+                row: dict[str, Any] = {}
                 last: dict[str, list[Request]] = {}
                 for name, run in (
+                    ("transfer_manager", traces.transfer_manager),
                     ("direct", lambda p: traces.direct(p, later=False)),
                     ("later", lambda p: traces.direct(p, later=True)),
                     ("mirror", traces.mirror),
@@ -149,10 +185,9 @@ def main() -> int:
                     gc.collect()
                     row[name] = phases(total, stall, requests)
                     last[name] = requests
-                size.clean(f"tm/{round_}")
                 rounds.append(row)
-                shown = ", ".join(f"{k} {row[k]['total']:.2f} s" for k in ("direct", "later", "mirror"))
-                print(f"round {round_ + 1}/{args.rounds}: TransferManager {row['transfer_manager']:.2f} s, {shown}")
+                shown = ", ".join(f"{k} {row[k]['total']:.2f} s" for k in NAMES)
+                print(f"round {round_ + 1}/{args.rounds}: {shown}")
             print(
                 f"\nthe requests of round {args.rounds}, seconds from the save_agent call (mirror: the upload's start):"
             )
@@ -160,14 +195,12 @@ def main() -> int:
                 show(name, requests)
     finally:
         s3fs.core.S3FileSystem._call_s3 = _call_s3  # type: ignore[method-assign]
+        s3fs.core.S3FileSystem.call_s3 = _sync_call_s3  # type: ignore[method-assign]
         shutil.rmtree(scratch, ignore_errors=True)
 
-    medians = {
-        name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]}
-        for name in ("direct", "later", "mirror")
-    }
-    tm = statistics.median(r["transfer_manager"] for r in rounds)
-    print(f"\nmedians of {args.rounds} round(s), seconds (TransferManager {tm:.3f} s):")
+    medians = {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in NAMES}
+    tm = medians["transfer_manager"]["total"]
+    print(f"\nmedians of {args.rounds} round(s), seconds:")
     keys = list(medians["direct"])
     print("  " + " ".join(f"{k:>13}" for k in ["", *keys]))
     for name, values in medians.items():
