@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,41 @@ def test_a_stale_local_copy_resumes_the_newer_mirrored_epoch(tmp_path: Any, mirr
     with CheckpointManager(stale, "exp", mirror=mirror) as mgr:
         start = mgr.start_run(Agent)
         assert start.epoch == 4 and start.trainer_state is not None and start.trainer_state["epoch"] == 4
+
+
+def listings(mgr: CheckpointManager) -> Counter[str]:
+    """How often each tier's directory is listed from now on (its real storage's ``list_files``, wrapped)."""
+    counts: Counter[str] = Counter()
+    assert mgr._mirror is not None
+    for tier, storage in (("local", mgr._catalog.storage), ("mirror", mgr._mirror.catalog.storage)):
+
+        def listing(directory: str, real: Any = storage.list_files, tier: str = tier) -> Any:
+            counts[tier] += 1
+            return real(directory)
+
+        storage.list_files = listing  # type: ignore[method-assign]
+    return counts
+
+
+def test_a_start_and_a_load_list_each_tier_once(tmp_path: Any, mirror: str) -> None:
+    """start_run (the claim of both tiers, the tier to resume, its checkpoint and trainer state) and load_agent
+    list each tier once, on a fresh node and on a node with a stale local copy."""
+    node = str(tmp_path / "node")
+    with CheckpointManager(node, "exp", mirror=mirror) as mgr:
+        train_run(mgr, range(1, 3))
+    stale = str(tmp_path / "stale")
+    shutil.copytree(node, stale)
+    with CheckpointManager(node, "exp", mirror=mirror) as mgr:
+        train_run(mgr, range(3, 5))
+    for run_dir in (str(tmp_path / "fresh"), stale):
+        with CheckpointManager(run_dir, "exp", mirror=mirror) as mgr:
+            counts = listings(mgr)
+            start = mgr.start_run(Agent)
+            assert start.epoch == 4 and start.trainer_state is not None and start.trainer_state["epoch"] == 4
+            assert counts == {"local": 1, "mirror": 1}
+            counts.clear()
+            assert torch.equal(mgr.load_agent().encoder.weight, start.agent.encoder.weight)
+            assert counts == {"local": 1, "mirror": 1}
 
 
 def test_a_local_epoch_newer_than_the_mirror_wins_and_is_uploaded_by_the_next_writer(

@@ -23,6 +23,7 @@ import bgsave
 from bgsave import CheckpointManager, MirrorError, RetryPolicy
 from bgsave import sidecar as sidecar_schema
 from faulty_s3 import FaultyS3
+from test_mirror import listings
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -173,7 +174,7 @@ def test_sigkill_during_an_upload_is_repaired_by_the_next_writer(
 
 def test_a_fresh_node_finds_the_latest_past_a_thousand_keys(tmp_path: Any, bucket: str) -> None:
     """1,010 keys in the mirror (put straight into moto's store, fast): the listing is paginated, and the
-    newest epoch, on the second page, is found and loaded."""
+    newest epoch, on the second page, is found and loaded; a start lists each tier once."""
     from moto.core import DEFAULT_ACCOUNT_ID  # type: ignore[attr-defined]
     from moto.s3.models import s3_backends
 
@@ -189,5 +190,7 @@ def test_a_fresh_node_finds_the_latest_past_a_thousand_keys(tmp_path: Any, bucke
     with CheckpointManager(str(tmp_path / "fresh"), "exp", mirror=url) as mgr:
         assert mgr.find_latest_checkpoint() == f"{url}/checkpoints/model_0504.pt"
         assert torch.equal(mgr.load_agent().layer.weight, Big(seed=5).layer.weight)
+        counts = listings(mgr)
         assert mgr.start_run(Big).epoch == 504
+        assert counts == {"local": 1, "mirror": 1}  # the claim's listing (two pages) is the resume's
     assert bgsave.find_latest_checkpoint(url) == f"{url}/checkpoints/model_0504.pt"

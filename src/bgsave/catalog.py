@@ -9,16 +9,19 @@ What it costs: one listing per question; *latest* reads the newest pair's sideca
 score* every sidecar, in one batch. A :class:`Catalog` keeps what it read, keyed on the listed size
 and tag (inode and mtime, or the ETag) of each sidecar, so the manager reads each at most once, and
 what its writer wrote not at all (:meth:`Catalog.wrote`); a new one first learns the last writer's
-index (:mod:`bgsave.catalog_index`). The listing is always taken afresh: the files are the truth.
+index (:mod:`bgsave.catalog_index`). The listing is always taken afresh: the files are the truth;
+only a question made of several (a start: the claim, the tier to resume, its checkpoint) shares one
+(:meth:`Catalog.one_listing`), so that a start lists each tier once.
 
 Nothing here unpickles or imports torch: ``bgsave ls`` starts in a fraction of ``import torch``'s time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +112,35 @@ class Catalog:
         self._infos: dict[int, CheckpointInfo] = {}
         self._index_tried = False
         self.holder_knows = HolderKnows()  # filled by the writer that holds this tier's lock
+        self._held = threading.local()  # .files: this thread's one_listing(), None until its first question
+
+    @contextlib.contextmanager
+    def one_listing(self) -> Iterator[None]:
+        """This thread's questions within share one listing (nested: the outer one's); only it writes here meanwhile.
+
+        What it writes or deletes it says (:meth:`changed`): a start's claim clearing a killed writer's leftovers.
+        """
+        outer = hasattr(self._held, "files")
+        self._held.files = getattr(self._held, "files", None)
+        try:
+            yield
+        finally:
+            if not outer:
+                del self._held.files
+
+    def files(self) -> Mapping[str, FileFacts]:
+        """The directory's files: the open :meth:`one_listing`'s (taken at its first question), else listed now."""
+        files: Mapping[str, FileFacts] | None = getattr(self._held, "files", None)
+        if files is None:
+            files = self.storage.list_files(self.directory)
+            if hasattr(self._held, "files"):
+                self._held.files = files
+        return files
+
+    def changed(self) -> None:
+        """This thread wrote or deleted files here: an open :meth:`one_listing` lists again at its next question."""
+        if hasattr(self._held, "files"):
+            self._held.files = None
 
     # ---- questions ------------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
@@ -147,7 +179,7 @@ class Catalog:
 
     def get(self, epoch: int) -> CheckpointInfo | None:
         """Epoch's committed checkpoint, or None."""
-        return self._one(epoch, self.storage.list_files(self.directory))
+        return self._one(epoch, self.files())
 
     def epochs(self) -> set[int]:
         """The committed epochs, from one listing alone (names: no sidecar is read)."""
@@ -171,7 +203,7 @@ class Catalog:
 
     def _listing(self) -> tuple[Mapping[str, FileFacts], set[int], set[int]]:
         """One listing: its files, the epochs with a ``.pt``, and those with both files."""
-        files = self.storage.list_files(self.directory)
+        files = self.files()
         pts, sidecars = layout.epochs_in(files)
         return files, pts, pts & sidecars
 
@@ -205,7 +237,7 @@ class Catalog:
 
     def entry(self, epoch: int) -> Entry:
         """One epoch, as :meth:`entries` would describe it (also when only its sidecar exists, or nothing)."""
-        files = self.storage.list_files(self.directory)
+        files = self.files()
         name = layout.data_name(epoch, files)
         pt = files.get(name)
         problems: dict[int, str] = {}
@@ -236,6 +268,7 @@ class Catalog:
             CheckpointWriteError: a file could not be deleted; earlier epochs are gone, this one is
                 at worst uncommitted.
         """
+        self.changed()
         for info in infos:
             self.forget(info.epoch)
             data = layout.checkpoint_name(info.epoch, layout.DCP if info.sharded else layout.PT)

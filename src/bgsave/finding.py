@@ -133,9 +133,13 @@ class Finding:
             CheckpointReadError: the ``.pt`` is truncated or corrupt.
         """
         epoch = None if epoch is None else sidecar_schema.validate_epoch(epoch)
-        return loading.load_agent(self._tiers().holder(epoch), epoch, self._run_name, map_location)
+        tiers = self._tiers()
+        with tiers.one_listing():  # the tier that holds it, then its checkpoint: one listing of each
+            return loading.load_agent(tiers.holder(epoch), epoch, self._run_name, map_location)
 
     def load_trainer_state(self, *, map_location: Any = None) -> dict[str, Any] | None:
         """The trainer state ``start_run`` would resume with (that epoch's own), or None if it has none."""
-        point = loading.resume_point(self._tiers().resume_catalog(), self._run_name, map_location)
+        tiers = self._tiers()
+        with tiers.one_listing():
+            point = loading.resume_point(tiers.resume_catalog(), self._run_name, map_location)
         return None if point is None else point[1]

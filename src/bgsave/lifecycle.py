@@ -138,7 +138,7 @@ class Lifecycle:
         replaced when the resumed run saves that epoch again.
         """
         catalog = self._catalog
-        files = catalog.storage.list_files(catalog.directory)
+        files = catalog.files()  # a start's: its resume asks the same listing (Catalog.one_listing)
         pts, sidecars = layout.epochs_in(files)
         catalog.holder_knows.listed(sidecars | layout.trainer_epochs_in(files))
         committed = pts & sidecars
@@ -154,6 +154,7 @@ class Lifecycle:
             catalog.storage.remove_tree(catalog.path_of(name))
         names += dirs
         if names:
+            catalog.changed()
             logger.info("removed %d file(s) a killed save or prune left: %s", len(names), ", ".join(names))
 
     def sigterm(self, preemption: Preemption) -> None:

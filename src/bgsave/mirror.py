@@ -94,8 +94,7 @@ class Mirror:
         self._sent: dict[int, dict[str, object]] = {}  # epoch -> local file name -> its tag when uploaded
         self._upload_s: dict[int, float] = {}
         self._committed = 0  # committed checkpoints seen (the after-lane only): every_n's index
-        self._warned = False
-        self._closing = False
+        self._warned = self._closing = False
         self._thread: threading.Thread | None = None
 
     # ---- at construction and at the first write -------------------------------------------
@@ -131,13 +130,14 @@ class Mirror:
         except OSError as exc:
             raise MirrorError(f"cannot write to mirror {self.url}: {describe(exc)}", url=self.url) from exc
         self.storage.remove_stale_temps(self.catalog.directory)  # a killed upload's multipart uploads
-        files = self.storage.list_files(self.catalog.directory)
+        files = self.catalog.files()  # a start's: its resume asks the same listing
         pts, sidecars = layout.epochs_in(files)
         # Only this writer uploads here, so any weights or trainer state without a sidecar is a killed upload's.
         debris = [layout.checkpoint_name(e, layout.PT) for e in sorted(pts - sidecars)]
         debris += [layout.trainer_name(e) for e in sorted(layout.trainer_epochs_in(files) - sidecars)]
         for name in debris:
             self.storage.delete(self.catalog.path_of(name))
+            self.catalog.changed()
         if debris:
             logger.info("%s: removed %d file(s) a killed upload left: %s", self.url, len(debris), ", ".join(debris))
         self.catalog.holder_knows.listed(sidecars)

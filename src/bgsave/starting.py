@@ -79,15 +79,16 @@ class Starting:
             point = loading.resume_point(self._claimed(), run, map_location)
             return None if point is None else (point[0].epoch, point[1] is not None)
 
-        start = self._ranks.start(
-            self._resume,
-            start=lambda: self._start(make_agent, map_location, rng),
-            decide=decide,
-            load=lambda epoch, with_trainer: loading.load_start(
-                self._tiers().holder(epoch), epoch, run, map_location, with_trainer
-            ),
-            map_location=map_location,
-        )
+        with self._tiers().one_listing():  # the claim, the tier to resume and its checkpoint: one listing of each
+            start = self._ranks.start(
+                self._resume,
+                start=lambda: self._start(make_agent, map_location, rng),
+                decide=decide,
+                load=lambda epoch, with_trainer: loading.load_start(
+                    self._tiers().holder(epoch), epoch, run, map_location, with_trainer
+                ),
+                map_location=map_location,
+            )
         if start.shards is not None or (start.gathered and not self._ranks.is_writer):
             # Restored once sharded (RunStart.restore(model=)): from DCP shards, or from rank 0's state.
             start = dataclasses.replace(start, agent=make_agent())

@@ -11,12 +11,14 @@ copy is older than the bucket resumes the newer mirrored epoch. An epoch is load
 straight into ``torch.load`` (parallel range reads), with no local copy kept: the local tier is
 where the run's own saves commit; copying a resumed checkpoint there first would cost a full local
 write before the first training step, and the bucket already holds it durably. Each question lists
-each tier once. Without a mirror every question goes to the local catalog as before.
+each tier once; a start and a load, which ask several, share one listing of each
+(:meth:`Tiers.one_listing`). Without a mirror every question goes to the local catalog as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from bgsave.catalog import Catalog, CheckpointInfo
@@ -54,6 +56,15 @@ class Tiers:
     def __init__(self, local: Catalog, mirror: Catalog | None) -> None:
         self.local = local
         self.mirror = mirror
+
+    @contextlib.contextmanager
+    def one_listing(self) -> Iterator[None]:
+        """Each tier's questions on this thread share one listing of it (:meth:`Catalog.one_listing`)."""
+        with contextlib.ExitStack() as stack:
+            for catalog in (self.local, self.mirror):
+                if catalog is not None:
+                    stack.enter_context(catalog.one_listing())
+            yield
 
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint of either tier, in epoch order (the local one where both have it)."""
