@@ -164,6 +164,23 @@ def test_a_start_and_a_load_list_each_tier_once(tmp_path: Any, mirror: str) -> N
             assert counts == {"local": 1, "mirror": 1}
 
 
+def test_a_start_that_clears_a_killed_writers_leftovers_lists_again(tmp_path: Any, mirror: str) -> None:
+    """Leftovers in both tiers (a killed save's .pt, a killed upload's .pt): the claim deletes them, and the
+    resume then lists each tier afresh rather than trust the listing they were in."""
+    node = str(tmp_path / "node")
+    with CheckpointManager(node, "exp", mirror=mirror) as mgr:
+        train_run(mgr, range(1, 4))
+    os.remove(os.path.join(node, "checkpoints", "model_0001.yaml"))  # epoch 1 killed before its sidecar
+    fs, path = fsspec.core.url_to_fs(mirror)
+    fs.pipe_file(path + "/checkpoints/model_0009.pt", b"a killed upload's weights")
+    with CheckpointManager(node, "exp", mirror=mirror) as mgr:
+        counts = listings(mgr)
+        start = mgr.start_run(Agent)
+        assert start.epoch == 3 and start.trainer_state is not None and start.trainer_state["epoch"] == 3
+        assert counts == {"local": 2, "mirror": 2}
+    assert "model_0001.pt" not in local_names(node) and "model_0009.pt" not in mirror_names(mirror)
+
+
 def test_a_local_epoch_newer_than_the_mirror_wins_and_is_uploaded_by_the_next_writer(
     local_run_dir: str, mirror: str
 ) -> None:
