@@ -188,14 +188,21 @@ class Size:
         return {"s": time.perf_counter() - start}
 
     def direct_s3(
-        self, prefix: str, endpoint: str | None = None, n: int | None = None, later: bool = False
+        self,
+        prefix: str,
+        endpoint: str | None = None,
+        n: int | None = None,
+        later: bool = False,
+        mark: Callable[[], None] = lambda: None,
     ) -> dict[str, Any]:
+        """``mark`` (here and in :meth:`mirror_upload`): called right before the timed save (trace_s3_save.py's)."""
         with CheckpointManager(
             self.url(prefix), RUN, storage_options=endpoint_options(endpoint), **concurrency(n)
         ) as mgr:
             if later:
                 mgr.save_agent(self.model, 1)
                 mgr.wait()
+            mark()
             start = time.perf_counter()
             mgr.save_agent(self.model, 2 if later else 1)
             stall = time.perf_counter() - start
@@ -203,10 +210,13 @@ class Size:
             durable = time.perf_counter() - start
         return {"s": durable, "stall_s": stall}
 
-    def mirror_upload(self, prefix: str, endpoint: str | None = None, n: int | None = None) -> dict[str, Any]:
+    def mirror_upload(
+        self, prefix: str, endpoint: str | None = None, n: int | None = None, mark: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
         local = self.scratch / prefix.replace("/", "-")
         kwargs = {"mirror": self.url(prefix), "mirror_storage_options": endpoint_options(endpoint), **concurrency(n)}
         with CheckpointManager(local, RUN, **kwargs) as mgr:
+            mark()
             start = time.perf_counter()
             mgr.save_agent(self.model, 1)
             stall = time.perf_counter() - start

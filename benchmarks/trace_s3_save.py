@@ -39,11 +39,10 @@ import s3fs.core
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_mirror import RUN, S3, Size
+from bench_mirror import S3, Size
 from harness.report import RESULTS_DIR, make_target, write_report
 
 import crash_child
-from bgsave import CheckpointManager
 
 NAMES = ("transfer_manager", "direct", "later", "mirror")
 Request = tuple[str, int | None, float, float]  # method, part number, start, end (s since the save call)
@@ -105,39 +104,28 @@ class Traces:
         _requests.append((_snake(model.name), number, began - _origin[0], now - _origin[0]))
 
     def transfer_manager(self, prefix: str) -> tuple[float, float, list[Request]]:
-        _requests.clear()
-        _origin[0] = time.perf_counter()
+        _mark()
         total = self.size.transfer_manager(prefix)["s"]
         return total, 0.0, [r for r in _requests if r[2] >= 0]
 
     def direct(self, prefix: str, later: bool) -> tuple[float, float, list[Request]]:
-        with CheckpointManager(self.size.url(prefix), RUN) as mgr:
-            if later:
-                mgr.save_agent(self.size.model, 1)
-                mgr.wait()
-            _requests.clear()
-            _origin[0] = time.perf_counter()
-            mgr.save_agent(self.size.model, 2 if later else 1)
-            stall = time.perf_counter() - _origin[0]
-            mgr.wait()
-            total = time.perf_counter() - _origin[0]
-            requests = [r for r in _requests if r[2] >= 0]
-        return total, stall, requests
+        sample = self.size.direct_s3(prefix, later=later, mark=_mark)
+        total = sample["s"]  # the manager's close, after it, is not the save's
+        return total, sample["stall_s"], [r for r in _requests if 0 <= r[2] <= total]
 
     def mirror(self, prefix: str) -> tuple[float, float, list[Request]]:
-        local = self.size.scratch / prefix.replace("/", "-")
-        with CheckpointManager(local, RUN, mirror=self.size.url(prefix)) as mgr:
-            _requests.clear()
-            _origin[0] = time.perf_counter()
-            mgr.save_agent(self.size.model, 1)
-            stall = time.perf_counter() - _origin[0]
-            mgr.wait()
-            requests = [r for r in _requests if r[2] >= 0]
-            (status,) = [s for s in mgr.mirror_status() if s.epoch == 1]
-        assert status.upload_s is not None, status
-        # upload_s counts from the upload's start: the phases are shifted to it.
-        start = min(r[2] for r in requests if r[0] in ("delete_object", "create_multipart_upload"))
-        return status.upload_s, stall, [(m, n, a - start, b - start) for m, n, a, b in requests if a >= start]
+        sample = self.size.mirror_upload(prefix, mark=_mark)
+        # upload_s counts from the upload's start: the phases are shifted to it. After wait() (wall_s):
+        # mirror_status()'s listings, not the upload's.
+        start = min(r[2] for r in _requests if r[0] in ("delete_object", "create_multipart_upload"))
+        requests = [(m, n, a - start, b - start) for m, n, a, b in _requests if start <= a <= sample["wall_s"]]
+        return sample["s"], sample["stall_s"], requests
+
+
+def _mark() -> None:
+    """The clock starts: the requests traced from now on are the save's."""
+    _requests.clear()
+    _origin[0] = time.perf_counter()
 
 
 def _snake(name: str) -> str:
