@@ -80,6 +80,17 @@ def test_a_mirror_in_a_missing_bucket_is_refused_at_construction(local_run_dir: 
     assert not os.path.exists(os.path.join(local_run_dir, "checkpoints"))
 
 
+def test_a_mirror_that_denies_listing_is_refused_at_construction(
+    local_run_dir: str, bucket: str, faulty: FaultyS3
+) -> None:
+    """Access denied on listing the mirror: MirrorError naming the URL at construction, nothing written."""
+    url = f"s3://{bucket}/runs/exp"
+    faulty.fail("ListObjectsV2", "403")
+    with pytest.raises(MirrorError, match=url):
+        CheckpointManager(local_run_dir, "exp", mirror=url, mirror_storage_options=through(faulty), retry=FAST)
+    assert not os.path.exists(os.path.join(local_run_dir, "checkpoints"))
+
+
 def test_a_mirror_that_denies_writes_is_refused_at_the_first_save(
     local_run_dir: str, bucket: str, faulty: FaultyS3
 ) -> None:
@@ -172,9 +183,10 @@ def test_sigkill_during_an_upload_is_repaired_by_the_next_writer(
         assert torch.equal(torch.load(f, weights_only=False).layer.weight, Big(seed=1).layer.weight)
 
 
-def test_a_fresh_node_finds_the_latest_past_a_thousand_keys(tmp_path: Any, bucket: str) -> None:
-    """1,010 keys in the mirror (put straight into moto's store, fast): the listing is paginated, and the
-    newest epoch, on the second page, is found and loaded; a start lists each tier once."""
+def test_a_fresh_node_finds_the_latest_past_a_thousand_keys(tmp_path: Any, bucket: str, faulty: FaultyS3) -> None:
+    """1,010 keys in the mirror (put straight into moto's store, fast): the construction's checks do not list
+    them all, the listing is paginated, the newest epoch (second page) is found and loaded; a start lists each
+    tier once."""
     from moto.core import DEFAULT_ACCOUNT_ID  # type: ignore[attr-defined]
     from moto.s3.models import s3_backends
 
@@ -187,8 +199,10 @@ def test_a_fresh_node_finds_the_latest_past_a_thousand_keys(tmp_path: Any, bucke
         store.put_object(bucket, f"runs/exp/checkpoints/model_{epoch:04d}.pt", data)
         sidecar = sidecar_schema.dumps(sidecar_schema.build("exp", epoch, {"score": epoch}))
         store.put_object(bucket, f"runs/exp/checkpoints/model_{epoch:04d}.yaml", sidecar)
-    with CheckpointManager(str(tmp_path / "fresh"), "exp", mirror=url) as mgr:
+    with CheckpointManager(str(tmp_path / "fresh"), "exp", mirror=url, mirror_storage_options=through(faulty)) as mgr:
+        assert faulty.count("ListObjectsV2") == 2  # the checks (the root, may it be listed) ask a key each
         assert mgr.find_latest_checkpoint() == f"{url}/checkpoints/model_0504.pt"
+        assert faulty.count("ListObjectsV2") == 4  # two pages
         assert torch.equal(mgr.load_agent().layer.weight, Big(seed=5).layer.weight)
         counts = listings(mgr)
         assert mgr.start_run(Big).epoch == 504

@@ -110,7 +110,7 @@ class Mirror:
                 bucket = self.storage.root.split("/", 1)[0]
                 if not self.storage.exists(bucket):
                     raise FileNotFoundError(f"bucket {bucket!r} does not exist (or is not visible)")
-            self.storage.list_names(self.catalog.directory)
+            self.storage.exists(self.catalog.directory)  # may it be listed: one key (S3: MaxKeys=1), not all
         except InvalidArgumentError:
             raise
         except Exception as exc:
