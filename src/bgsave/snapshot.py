@@ -38,22 +38,20 @@ The caller's thread is not blocked by the device-to-host copy; its stream is, fo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import io
 import logging
-import mmap
 import pickle
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from bgsave.graph import BY_VALUE, RefusedError, ResourceCheck, find_tensors, owns_os_resource, refusal
+from bgsave.storage.diskfile import page_buffer
 
 __all__ = ("NotPicklableError", "Snapshot", "SnapshotPool")
 
@@ -154,29 +152,6 @@ def _copy_host(buf: torch.Tensor, storage: torch.UntypedStorage) -> None:
 _PAGE_ALIGNED_MIN = 2**20
 
 
-def _huge_pages() -> bool:
-    """Whether Linux hands out transparent huge pages to a mapping that asks (THP not ``never``)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
-
-
-# Huge pages where the kernel has them: the first copy then faults 2 MiB at a time, which beat
-# populating the range first (128 MiB: 52 vs 60 ms here). Without them, Linux's MADV_POPULATE_WRITE
-# (23: faults the whole range in, writable, in one call; 5.14+, and Python's mmap module does not
-# name it; elsewhere 23 means something else) spares the copy a fault per 4 KiB page (91 vs 114 ms).
-_ADVICE = tuple(
-    advice
-    for advice in (
-        getattr(mmap, "MADV_HUGEPAGE", None),
-        23 if sys.platform.startswith("linux") and not _huge_pages() else None,
-    )
-    if advice is not None
-)
-
-
 def _new_buffer(size: int, pin: bool) -> torch.Tensor:
     """A byte buffer for one storage's copy: pinned for CUDA sources, page-aligned when large.
 
@@ -184,53 +159,15 @@ def _new_buffer(size: int, pin: bool) -> torch.Tensor:
     buffer (:mod:`bgsave.diskfile`). A private anonymous ``mmap`` is what malloc would use at this
     size anyway; the tensor keeps the mapping alive and it is unmapped with the tensor's storage.
     The first copy into fresh pages is what a run's first save waits for, page fault by page fault:
-    the mapping asks for huge pages, or is populated in one call where there are none (see
-    :data:`_ADVICE`), which took a 128 MiB first copy from 140-170 ms to 55 ms here (a copy into
-    mapped pages: 22 ms). Pinned buffers come from
-    CUDA's host allocator (page-aligned in practice; memory the disk refuses is copied through the
-    writer's staging buffer instead).
+    the mapping asks for huge pages, or is populated in one call where there are none
+    (:func:`bgsave.storage.diskfile.page_buffer`), which took a 128 MiB first copy from 140-170 ms
+    to 55 ms here (a copy into mapped pages: 22 ms). Pinned buffers come from CUDA's host allocator
+    (page-aligned in practice; memory the disk refuses is copied through the writer's staging
+    buffer instead).
     """
     if pin or size < _PAGE_ALIGNED_MIN:
         return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    _advise(pages, size)
-    return torch.frombuffer(pages, dtype=torch.uint8)
-
-
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    """The C library's madvise(2) where there is one: ctypes lets go of the GIL, as ``mmap.madvise`` does not."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-    return cast("Callable[[int, int, int], int]", fn)
-
-
-_MADVISE = _libc_madvise()
-
-
-def _advise(pages: mmap.mmap, size: int) -> None:
-    """Give the mapping :data:`_ADVICE`; a refusal only leaves the faults to the copy.
-
-    Populating 32 MiB takes ~15 ms. Through ``mmap.madvise`` the GIL is held all that time, and a
-    first save's snapshot held it for 50 ms of its 80 (128 MiB): the claim beside it
-    (:mod:`bgsave.lifecycle`), the worker's event loop and the training's own threads all waited.
-    """
-    if _MADVISE is None:
-        for advice in _ADVICE:
-            with contextlib.suppress(OSError):  # an older kernel, or no huge pages: faulted in as it is copied
-                pages.madvise(advice)
-        return
-    anchor = ctypes.c_char.from_buffer(pages)  # the mapping's address; released before torch takes the buffer
-    try:
-        address = ctypes.addressof(anchor)
-        for advice in _ADVICE:
-            _MADVISE(address, size, advice)  # -1 on an older kernel or without huge pages: nothing to undo
-    finally:
-        del anchor
+    return torch.frombuffer(page_buffer(size), dtype=torch.uint8)
 
 
 def _ref(index: int) -> Any:
