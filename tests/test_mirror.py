@@ -115,8 +115,8 @@ def test_a_fresh_node_resumes_from_the_mirror_with_that_epochs_trainer_state(tmp
     assert not os.path.exists(os.path.join(fresh, "checkpoints", "model_0003.pt"))  # no local copy (bgsave.tiers)
 
 
-def test_a_stale_local_copy_resumes_the_newer_mirrored_epoch(tmp_path: Any, mirror: str) -> None:
-    """A node whose local directory stopped at epoch 2 resumes epoch 4 from the mirror."""
+def stale_copy(tmp_path: Any, mirror: str) -> str:
+    """A local run directory that stopped at epoch 2, while the run went on to epoch 4 in the mirror."""
     node = str(tmp_path / "node")
     with CheckpointManager(node, "exp", mirror=mirror) as mgr:
         train_run(mgr, range(1, 3))
@@ -124,7 +124,12 @@ def test_a_stale_local_copy_resumes_the_newer_mirrored_epoch(tmp_path: Any, mirr
     shutil.copytree(node, stale)
     with CheckpointManager(node, "exp", mirror=mirror) as mgr:
         train_run(mgr, range(3, 5))
-    with CheckpointManager(stale, "exp", mirror=mirror) as mgr:
+    return stale
+
+
+def test_a_stale_local_copy_resumes_the_newer_mirrored_epoch(tmp_path: Any, mirror: str) -> None:
+    """A node whose local directory stopped at epoch 2 resumes epoch 4 from the mirror."""
+    with CheckpointManager(stale_copy(tmp_path, mirror), "exp", mirror=mirror) as mgr:
         start = mgr.start_run(Agent)
         assert start.epoch == 4 and start.trainer_state is not None and start.trainer_state["epoch"] == 4
 
@@ -146,13 +151,7 @@ def listings(mgr: CheckpointManager) -> Counter[str]:
 def test_a_start_and_a_load_list_each_tier_once(tmp_path: Any, mirror: str) -> None:
     """start_run (the claim of both tiers, the tier to resume, its checkpoint and trainer state) and load_agent
     list each tier once, on a fresh node and on a node with a stale local copy."""
-    node = str(tmp_path / "node")
-    with CheckpointManager(node, "exp", mirror=mirror) as mgr:
-        train_run(mgr, range(1, 3))
-    stale = str(tmp_path / "stale")
-    shutil.copytree(node, stale)
-    with CheckpointManager(node, "exp", mirror=mirror) as mgr:
-        train_run(mgr, range(3, 5))
+    stale = stale_copy(tmp_path, mirror)
     for run_dir in (str(tmp_path / "fresh"), stale):
         with CheckpointManager(run_dir, "exp", mirror=mirror) as mgr:
             counts = listings(mgr)
