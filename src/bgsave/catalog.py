@@ -9,7 +9,7 @@ What it costs: one listing per question; *latest* reads the newest pair's sideca
 score* every sidecar, in one batch. A :class:`Catalog` keeps what it read, keyed on the listed size
 and tag (inode and mtime, or the ETag) of each sidecar, so the manager reads each at most once, and
 what its writer wrote not at all (:meth:`Catalog.wrote`); a new one first learns the last writer's
-index (:mod:`bgsave.catalog_index`). The listing is always taken afresh: the files are the truth;
+index (both in :mod:`bgsave.catalog_index`). The listing is always taken afresh: the files are the truth;
 only a question made of several (a start: the claim, the tier to resume, its checkpoint) shares one
 (:meth:`Catalog.one_listing`), so that a start lists each tier once.
 
@@ -19,7 +19,6 @@ Nothing here unpickles or imports torch: ``bgsave ls`` starts in a fraction of `
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,12 +33,8 @@ from bgsave.storage import FileFacts, Storage, open_storage
 
 __all__ = ("Catalog", "CheckpointInfo", "Entry", "find_latest_checkpoint")
 
-logger = logging.getLogger(__name__)
-
 _NO_TRAINER = "committed without its trainer state (killed before it was durable, or saved alone)"
 _NO_AGENT = "a trainer state without a committed agent (killed before the sidecar)"
-
-Known = tuple[int, object]  # what a catalog knows of a sidecar: (size, tag) as listed; tag None: its own write
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +98,9 @@ class Catalog:
     def __init__(self, storage: Storage, directory: str) -> None:
         self.storage = storage
         self.directory = directory
-        self._lock = threading.Lock()
         self._shown_dir = storage.display(directory).rstrip("/") + "/"  # what users see, but for the name
-        # sidecar name -> (size, tag) when read, and its content: plain tuples of atomic values (the
-        # collector stops tracking them) in two dicts, so 10,000 sidecars leave it 10,000 objects, not 30,000.
-        self._facts: dict[str, Known] = {}
-        self._sidecars: dict[str, dict[str, Any]] = {}
+        self._known = catalog_index.KnownSidecars(storage, directory, self._shown_dir)
         self._infos: dict[int, CheckpointInfo] = {}
-        self._index_tried = False
         self.holder_knows = HolderKnows()  # filled by the writer that holds this tier's lock
         self._held = threading.local()  # .files: this thread's one_listing(), None until its first question
 
@@ -118,7 +108,8 @@ class Catalog:
     def one_listing(self) -> Iterator[None]:
         """This thread's questions within share one listing (nested: the outer one's); only it writes here meanwhile.
 
-        What it writes or deletes it says (:meth:`changed`): a start's claim clearing a killed writer's leftovers.
+        What it deletes meanwhile goes through :meth:`delete` (a start's claim clearing a killed writer's
+        leftovers), which lists again; another write there says so with :meth:`changed`.
         """
         outer = hasattr(self._held, "files")
         self._held.files = getattr(self._held, "files", None)
@@ -174,7 +165,7 @@ class Catalog:
     def _one(
         self, epoch: int, files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
     ) -> CheckpointInfo | None:
-        found = self._infos_of(self._sidecars_of([epoch], files, problems), files)
+        found = self._infos_of(self._known.of([epoch], files, problems), files)
         return found[0] if found else None
 
     def get(self, epoch: int) -> CheckpointInfo | None:
@@ -188,7 +179,7 @@ class Catalog:
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, in epoch order; unreadable sidecars are skipped with a WARNING."""
         files, _, epochs = self._listing()
-        return self._infos_of(self._sidecars_of(sorted(epochs), files), files)
+        return self._infos_of(self._known.of(sorted(epochs), files), files)
 
     def best(self, metric: str = "score", mode: str = "max") -> CheckpointInfo | None:
         """The committed checkpoint with the best finite ``metric`` (see :func:`bgsave.policies.ranked`), or None."""
@@ -214,7 +205,7 @@ class Catalog:
         is a stat, and a cold catalog of 10,000 would make 10,000 more objects for the collector.
         """
         files, _, epochs = self._listing()
-        found = self._sidecars_of(sorted(epochs), files)
+        found = self._known.of(sorted(epochs), files)
         value = sidecar_schema.metric_value
         return files, found, {e: v for e, sidecar in found.items() if (v := value(sidecar, metric)) is not None}
 
@@ -222,7 +213,7 @@ class Catalog:
         """Every epoch with a ``.pt`` in the directory, committed or not (and why not), in epoch order."""
         files, pts, epochs = self._listing()
         problems: dict[int, str] = {}
-        found = self._sidecars_of(sorted(epochs), files, problems)
+        found = self._known.of(sorted(epochs), files, problems)
         infos = {info.epoch: info for info in self._infos_of(found, files)}
         return [
             Entry(
@@ -250,16 +241,11 @@ class Catalog:
     # ---- what the writer tells it ---------------------------------------------------------------
     def wrote(self, epoch: int, sidecar: Mapping[str, Any], size: int) -> None:
         """Our own writer committed ``sidecar`` (``size`` bytes) for ``epoch``: no need to read it back."""
-        with self._lock:
-            name = layout.checkpoint_name(epoch, layout.YAML)
-            self._facts[name], self._sidecars[name] = (size, None), dict(sidecar)
+        self._known.wrote(epoch, sidecar, size)
 
     def forget(self, epoch: int) -> None:
         """Our own writer removed or is replacing ``epoch``'s sidecar."""
-        with self._lock:
-            name = layout.checkpoint_name(epoch, layout.YAML)
-            self._facts.pop(name, None)
-            self._sidecars.pop(name, None)
+        self._known.forget(epoch)
 
     def remove(self, infos: Iterable[CheckpointInfo]) -> None:
         """Delete checkpoints: each one's sidecar first (a crash leaves it uncommitted), its ``.pt``, its trainer state.
@@ -268,49 +254,33 @@ class Catalog:
             CheckpointWriteError: a file could not be deleted; earlier epochs are gone, this one is
                 at worst uncommitted.
         """
-        self.changed()
         for info in infos:
             self.forget(info.epoch)
             data = layout.checkpoint_name(info.epoch, layout.DCP if info.sharded else layout.PT)
             names = [layout.checkpoint_name(info.epoch, layout.YAML), data]
             if info.has_trainer_state:
                 names.append(layout.trainer_name(info.epoch))
-            for name, path in zip(names, map(self.path_of, names), strict=True):
+            for name in names:
                 try:
-                    (self.storage.remove_tree if name.endswith(layout.DCP) else self.storage.delete)(path)
+                    self.delete([name])
                 except Exception as exc:
-                    shown = self.storage.display(path)
+                    shown = self.storage.display(self.path_of(name))
                     raise CheckpointWriteError(
                         f"could not delete {shown} while pruning epoch {info.epoch}: {type(exc).__name__}: {exc}",
                         epoch=info.epoch,
                         path=shown,
                     ) from exc
 
-    # ---- the index -------------------------------------------------------------------------------
-    def _load_index(self, files: Mapping[str, FileFacts]) -> None:
-        """Learn the entries of the last writer's index (each still checked against the listing when used)."""
-        self._index_tried = True
-        loaded = catalog_index.read(self.storage, self.directory, files)
-        if loaded is not None:
-            with self._lock:  # what this catalog read itself is newer than the index: it stays
-                self._facts, self._sidecars = loaded[0] | self._facts, loaded[1] | self._sidecars
+    def delete(self, names: Iterable[str]) -> None:
+        """Delete files here by name, in order (a ``.dcp`` directory whole); an open :meth:`one_listing` lists again."""
+        self.changed()
+        for name in names:
+            path = self.path_of(name)
+            (self.storage.remove_tree if name.endswith("." + layout.DCP) else self.storage.delete)(path)
 
     def save_index(self) -> None:
-        """Write the index of what this catalog knows (the writer, as it closes; see :mod:`bgsave.catalog_index`).
-
-        One listing confirms what our own writer wrote; nothing unknown is read for it. Below
-        :data:`~bgsave.catalog_index.MIN_ENTRIES` known sidecars, no index is written.
-        """
-        if len(self._facts) < catalog_index.MIN_ENTRIES:
-            return  # too few to be worth an index: not even a listing
-        files = self.storage.list_files(self.directory)
-        with self._lock:
-            entries = {
-                name: (listed, self._sidecars[name])
-                for name, known in self._facts.items()
-                if (listed := files.get(name)) is not None and _unchanged(known, listed)
-            }
-        catalog_index.write(self.storage, self.directory, entries)
+        """Write the index of what this catalog knows (the writer, as it closes; see :mod:`bgsave.catalog_index`)."""
+        self._known.save_index()
 
     def path_of(self, name: str) -> str:
         """The fsspec path of a file in the checkpoint directory."""
@@ -320,40 +290,8 @@ class Catalog:
         """The fsspec path of epoch's ``.pt`` (or ``.yaml``)."""
         return self.storage.join_dir(self.directory, layout.checkpoint_name(epoch, suffix))
 
-    # ---- reading sidecars ------------------------------------------------------------------------
     def _display(self, name: str) -> str:
         return self._shown_dir + name
-
-    def _sidecars_of(
-        self, epochs: list[int], files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
-    ) -> dict[int, dict[str, Any]]:
-        """The sidecars of the committed checkpoints among ``epochs`` (in that order); reads those it does not know."""
-        if len(epochs) >= catalog_index.MIN_ENTRIES and not self._index_tried:
-            self._load_index(files)
-        found: dict[int, dict[str, Any]] = {}
-        todo: dict[str, int] = {}  # path -> epoch
-        known_facts, known_sidecars = self._facts, self._sidecars
-        with self._lock:
-            for epoch in epochs:
-                name = layout.checkpoint_name(epoch, layout.YAML)
-                known = known_facts.get(name)
-                if known is None:
-                    if name in files:
-                        todo[self.storage.join_dir(self.directory, name)] = epoch
-                    continue
-                listed = files.get(name)  # a stat on local disk: only to check what is known
-                if listed is None:
-                    continue
-                if _unchanged(known, listed):
-                    if known[1] is None and listed.tag is not None:  # our own write, now seen listed
-                        known_facts[name] = (listed.size, listed.tag)
-                    found[epoch] = known_sidecars[name]
-                else:
-                    todo[self.storage.join_dir(self.directory, name)] = epoch
-        if todo:
-            found.update(self._read(todo, files, problems))
-            found = {epoch: found[epoch] for epoch in epochs if epoch in found}
-        return found
 
     def _infos_of(self, sidecars: Mapping[int, dict[str, Any]], files: Mapping[str, FileFacts]) -> list[CheckpointInfo]:
         """A CheckpointInfo for each epoch's sidecar whose ``.pt`` is listed, sized from the listing, in order.
@@ -373,44 +311,6 @@ class Catalog:
                 info = self._infos[epoch] = CheckpointInfo(epoch, self._display(name), pt.size, sidecar, trainer)
             out.append(info)
         return out
-
-    def _read(
-        self, todo: Mapping[str, int], files: Mapping[str, FileFacts], problems: dict[int, str] | None
-    ) -> dict[int, dict[str, Any]]:
-        """Read the sidecars at ``todo``'s paths (path -> epoch), remember them, and return the readable ones."""
-        contents = self.storage.read_many_with_facts(todo)
-        out: dict[int, dict[str, Any]] = {}
-        facts_of: dict[str, Known] = {}
-        sidecar_of: dict[str, dict[str, Any]] = {}
-        for path, epoch in todo.items():
-            read = contents[path]
-            name = layout.checkpoint_name(epoch, layout.YAML)
-            shown = self._shown_dir + name
-            try:
-                if isinstance(read, Exception):
-                    raise ValueError(f"{shown}: {type(read).__name__}: {read}")
-                sidecar = sidecar_schema.loads(read[0], source=shown)
-                if sidecar["epoch"] != epoch:
-                    raise ValueError(f"{shown}: sidecar says epoch {sidecar['epoch']}, file name says {epoch}")
-            except ValueError as exc:
-                logger.warning("skipping checkpoint with an unreadable sidecar: %s", exc)
-                if problems is not None:
-                    problems[epoch] = f"sidecar unreadable: {exc}"
-                continue
-            out[epoch] = sidecar
-            # The facts of what was read, where the read gives them (an open file's fstat), else the listing's.
-            facts = read[1] or files.get(name)
-            if facts is not None and facts.tag is not None:  # a backend that cannot tell a change gets no cache
-                facts_of[name], sidecar_of[name] = (facts.size, facts.tag), sidecar
-        with self._lock:
-            self._facts.update(facts_of)
-            self._sidecars.update(sidecar_of)
-        return out
-
-
-def _unchanged(known: Known, listed: FileFacts) -> bool:
-    """Whether a sidecar known as ``known`` is still the one ``listed`` (our own write: size only, until listed)."""
-    return known[0] == listed.size and known[1] in (None, listed.tag)
 
 
 def find_latest_checkpoint(checkpoint_dir: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:

@@ -1,4 +1,8 @@
-"""Catalog index: the sidecars a run's writer knew, in one file, so that a new reader need not read them all.
+"""Catalog index: the sidecars a catalog knows, kept in memory and in one file, so that no reader reads one twice.
+
+A :class:`KnownSidecars` is a catalog's memory: each sidecar it read, with the size and tag it was
+listed with, and each its own writer wrote; a sidecar is read again only when the listing shows it
+changed. What the writer knew at its close goes into one file, which the next writer loads first:
 
 ``{run_dir}/checkpoints/.bgsave-catalog.json``, one column per field::
 
@@ -20,15 +24,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from bgsave import layout
+from bgsave import sidecar as sidecar_schema
 from bgsave.storage import FileFacts, Storage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ("FORMAT", "MIN_ENTRIES", "dumps", "loads", "read", "write")
+__all__ = ("FORMAT", "MIN_ENTRIES", "KnownSidecars", "dumps", "loads", "read", "write")
+
+Known = tuple[int, object]  # what a catalog knows of a sidecar: (size, tag) as listed; tag None: its own write
 
 FORMAT = 2
 MIN_ENTRIES = 256
@@ -99,3 +107,131 @@ def write(storage: Storage, directory: str, entries: Mapping[str, tuple[FileFact
     path = storage.join_dir(directory, layout.CATALOG_INDEX)
     storage.write_bytes_atomic(path, dumps(entries))
     logger.debug("wrote %s (%d sidecars)", path, len(entries))
+
+
+class KnownSidecars:
+    """The sidecars one catalog read or its writer wrote, each with the (size, tag) it was listed with.
+
+    Thread-safe: the manager reads from the caller's thread while its writer tells from the worker's.
+    """
+
+    def __init__(self, storage: Storage, directory: str, shown_dir: str) -> None:
+        self.storage = storage
+        self.directory = directory
+        self._shown_dir = shown_dir
+        self._lock = threading.Lock()
+        # sidecar name -> (size, tag) when read, and its content: plain tuples of atomic values (the
+        # collector stops tracking them) in two dicts, so 10,000 sidecars leave it 10,000 objects, not 30,000.
+        self._facts: dict[str, Known] = {}
+        self._sidecars: dict[str, dict[str, Any]] = {}
+        self._index_tried = False
+
+    def wrote(self, epoch: int, sidecar: Mapping[str, Any], size: int) -> None:
+        """Our own writer committed ``sidecar`` (``size`` bytes) for ``epoch``: no need to read it back."""
+        with self._lock:
+            name = layout.checkpoint_name(epoch, layout.YAML)
+            self._facts[name], self._sidecars[name] = (size, None), dict(sidecar)
+
+    def forget(self, epoch: int) -> None:
+        """Our own writer removed or is replacing ``epoch``'s sidecar."""
+        with self._lock:
+            name = layout.checkpoint_name(epoch, layout.YAML)
+            self._facts.pop(name, None)
+            self._sidecars.pop(name, None)
+
+    def of(
+        self, epochs: list[int], files: Mapping[str, FileFacts], problems: dict[int, str] | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """The readable sidecars of ``epochs`` (in that order) in the listing ``files``; reads those it does not know.
+
+        An unreadable one is logged (WARNING) and left out; ``problems`` gets why, by epoch.
+        """
+        if len(epochs) >= MIN_ENTRIES and not self._index_tried:
+            self._load_index(files)
+        found: dict[int, dict[str, Any]] = {}
+        todo: dict[str, int] = {}  # path -> epoch
+        known_facts, known_sidecars = self._facts, self._sidecars
+        with self._lock:
+            for epoch in epochs:
+                name = layout.checkpoint_name(epoch, layout.YAML)
+                known = known_facts.get(name)
+                if known is None:
+                    if name in files:
+                        todo[self.storage.join_dir(self.directory, name)] = epoch
+                    continue
+                listed = files.get(name)  # a stat on local disk: only to check what is known
+                if listed is None:
+                    continue
+                if _unchanged(known, listed):
+                    if known[1] is None and listed.tag is not None:  # our own write, now seen listed
+                        known_facts[name] = (listed.size, listed.tag)
+                    found[epoch] = known_sidecars[name]
+                else:
+                    todo[self.storage.join_dir(self.directory, name)] = epoch
+        if todo:
+            found.update(self._read(todo, files, problems))
+            found = {epoch: found[epoch] for epoch in epochs if epoch in found}
+        return found
+
+    def save_index(self) -> None:
+        """Write the index of what is known (the writer, as it closes).
+
+        One listing confirms what our own writer wrote; nothing unknown is read for it. Below
+        :data:`MIN_ENTRIES` known sidecars, no index is written.
+        """
+        if len(self._facts) < MIN_ENTRIES:
+            return  # too few to be worth an index: not even a listing
+        files = self.storage.list_files(self.directory)
+        with self._lock:
+            entries = {
+                name: (listed, self._sidecars[name])
+                for name, known in self._facts.items()
+                if (listed := files.get(name)) is not None and _unchanged(known, listed)
+            }
+        write(self.storage, self.directory, entries)
+
+    def _load_index(self, files: Mapping[str, FileFacts]) -> None:
+        """Learn the entries of the last writer's index (each still checked against the listing when used)."""
+        self._index_tried = True
+        loaded = read(self.storage, self.directory, files)
+        if loaded is not None:
+            with self._lock:  # what this catalog read itself is newer than the index: it stays
+                self._facts, self._sidecars = loaded[0] | self._facts, loaded[1] | self._sidecars
+
+    def _read(
+        self, todo: Mapping[str, int], files: Mapping[str, FileFacts], problems: dict[int, str] | None
+    ) -> dict[int, dict[str, Any]]:
+        """Read the sidecars at ``todo``'s paths (path -> epoch), remember them, and return the readable ones."""
+        contents = self.storage.read_many_with_facts(todo)
+        out: dict[int, dict[str, Any]] = {}
+        facts_of: dict[str, Known] = {}
+        sidecar_of: dict[str, dict[str, Any]] = {}
+        for path, epoch in todo.items():
+            read_ = contents[path]
+            name = layout.checkpoint_name(epoch, layout.YAML)
+            shown = self._shown_dir + name
+            try:
+                if isinstance(read_, Exception):
+                    raise ValueError(f"{shown}: {type(read_).__name__}: {read_}")
+                sidecar = sidecar_schema.loads(read_[0], source=shown)
+                if sidecar["epoch"] != epoch:
+                    raise ValueError(f"{shown}: sidecar says epoch {sidecar['epoch']}, file name says {epoch}")
+            except ValueError as exc:
+                logger.warning("skipping checkpoint with an unreadable sidecar: %s", exc)
+                if problems is not None:
+                    problems[epoch] = f"sidecar unreadable: {exc}"
+                continue
+            out[epoch] = sidecar
+            # The facts of what was read, where the read gives them (an open file's fstat), else the listing's.
+            facts = read_[1] or files.get(name)
+            if facts is not None and facts.tag is not None:  # a backend that cannot tell a change gets no cache
+                facts_of[name], sidecar_of[name] = (facts.size, facts.tag), sidecar
+        with self._lock:
+            self._facts.update(facts_of)
+            self._sidecars.update(sidecar_of)
+        return out
+
+
+def _unchanged(known: Known, listed: FileFacts) -> bool:
+    """Whether a sidecar known as ``known`` is still the one ``listed`` (our own write: size only, until listed)."""
+    return known[0] == listed.size and known[1] in (None, listed.tag)

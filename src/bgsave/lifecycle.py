@@ -148,13 +148,9 @@ class Lifecycle:
         names += [layout.trainer_name(e) for e in sorted(layout.trainer_epochs_in(files) - committed) if e < newest]
         # A DCP save overwrites its shards in place: an uncommitted one goes whatever its epoch.
         dirs = [layout.checkpoint_name(e, layout.DCP) for e in sorted(shards - sidecars)]
-        for name in names:
-            catalog.storage.delete(catalog.path_of(name))
-        for name in dirs:
-            catalog.storage.remove_tree(catalog.path_of(name))
         names += dirs
         if names:
-            catalog.changed()
+            catalog.delete(names)
             logger.info("removed %d file(s) a killed save or prune left: %s", len(names), ", ".join(names))
 
     def sigterm(self, preemption: Preemption) -> None:

@@ -135,10 +135,8 @@ class Mirror:
         # Only this writer uploads here, so any weights or trainer state without a sidecar is a killed upload's.
         debris = [layout.checkpoint_name(e, layout.PT) for e in sorted(pts - sidecars)]
         debris += [layout.trainer_name(e) for e in sorted(layout.trainer_epochs_in(files) - sidecars)]
-        for name in debris:
-            self.storage.delete(self.catalog.path_of(name))
-            self.catalog.changed()
         if debris:
+            self.catalog.delete(debris)
             logger.info("%s: removed %d file(s) a killed upload left: %s", self.url, len(debris), ", ".join(debris))
         self.catalog.holder_knows.listed(sidecars)
         newest = max(pts & sidecars, default=-1)
