@@ -109,7 +109,7 @@ class Catalog:
         """This thread's questions within share one listing (nested: the outer one's); only it writes here meanwhile.
 
         What it deletes meanwhile goes through :meth:`delete` (a start's claim clearing a killed writer's
-        leftovers), which lists again; another write there says so with :meth:`changed`.
+        leftovers), after which it lists again.
         """
         outer = hasattr(self._held, "files")
         self._held.files = getattr(self._held, "files", None)
@@ -127,11 +127,6 @@ class Catalog:
             if hasattr(self._held, "files"):
                 self._held.files = files
         return files
-
-    def changed(self) -> None:
-        """This thread wrote or deleted files here: an open :meth:`one_listing` lists again at its next question."""
-        if hasattr(self._held, "files"):
-            self._held.files = None
 
     # ---- questions ------------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
@@ -273,7 +268,8 @@ class Catalog:
 
     def delete(self, names: Iterable[str]) -> None:
         """Delete files here by name, in order (a ``.dcp`` directory whole); an open :meth:`one_listing` lists again."""
-        self.changed()
+        if hasattr(self._held, "files"):
+            self._held.files = None  # set before the first delete: one that fails midway still lists again
         for name in names:
             path = self.path_of(name)
             (self.storage.remove_tree if name.endswith("." + layout.DCP) else self.storage.delete)(path)
