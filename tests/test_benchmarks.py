@@ -7,6 +7,7 @@ extra, so without them those parts are skipped by the scripts themselves and the
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -155,6 +156,24 @@ def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
     assert {t["status"] for t in report["targets"]} <= {"PASS", "MISS", "SKIP"}
     assert len({t["target"] for t in report["targets"]}) == 6
     assert list(tmp_path.glob("bench-mirror-*")) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="moto (the dev extra) is not installed")
+def test_the_mirror_benchmarks_interval_holds_the_paired_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """paired_interval: None below 5 rounds; else a reproducible 90% bootstrap interval around the paired ratio."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    bench = importlib.import_module("bench_mirror")
+
+    def method(times: list[float]) -> dict[str, object]:
+        return {"samples": [{"round": i, "s": s} for i, s in enumerate(times)]}
+
+    reference = method([1.0] * 8)
+    noisy = method([1.0, 1.1, 0.9, 1.2, 1.05, 0.95, 1.3, 1.0])
+    low, high = bench.paired_interval(noisy, reference)
+    assert 0.9 <= low < bench.paired(noisy, reference) < high <= 1.3
+    assert bench.paired_interval(noisy, reference) == [low, high]  # a fixed seed
+    assert bench.paired_interval(method([1.1] * 8), reference) == pytest.approx([1.1, 1.1])
+    assert bench.paired_interval(method([1.0] * 4), reference) is None  # four rounds in common
 
 
 def test_the_gpu_benchmark_runs_its_cpu_dry_run(tmp_path: Path) -> None:
