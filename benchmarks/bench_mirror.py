@@ -11,6 +11,11 @@ For each of --sizes (MiB of float32 weights, default 128 and 1024), round-robin 
                      manager's first save: the lock, the listings and a cold snapshot buffer included)
   direct_s3_later    the same manager's next save, as in a training loop (epoch 1 saved first, untimed)
   s3fs_put           ``fs.put_file`` of the same file: s3fs's own upload, one part at a time (reference)
+Two rows take the mirror's time apart (no target; the cold file of transfer_manager):
+  bgsave_upload_file       the mirror's upload of the weights alone: ``upload_file`` of bgsave's S3 storage
+                           (its parallel parts), held to transfer_manager
+  transfer_manager_commit  transfer_manager, then one ``put_object`` of the epoch's sidecar (its commit): what
+                           a mirrored epoch sends, sent by TransferManager; mirror_upload is also held to it
 Loads of one checkpoint uploaded beforehand (untimed), each into a fresh process-like reader:
   download_torch_load  boto3 ``download_file`` (same TransferConfig) to a temp file, then ``torch.load``
   load_checkpoint      ``bgsave.load_checkpoint("s3://.../model_0001.pt")``
@@ -73,6 +78,7 @@ from harness.report import RESULTS_DIR, make_target, versions, write_report
 
 import crash_child  # the moto-server-in-its-own-process helper the crash tests use
 from bgsave import CheckpointManager, load_checkpoint
+from bgsave.storage import open_storage
 
 PARAMS = inspect.signature(CheckpointManager).parameters
 HAS_MIRROR = "mirror" in PARAMS
@@ -82,6 +88,7 @@ TM_PART = 8 * MB
 TM_CONCURRENCY = 10
 RUN = "bench"
 PT = "checkpoints/model_0001.pt"
+SIDECAR = "checkpoints/model_0001.yaml"
 TARGETS = {  # name: (limit, "<=" or ">=")
     "mirror_upload / transfer_manager": (1.0, "<="),
     "direct_s3 / transfer_manager": (1.1, "<="),
@@ -158,6 +165,7 @@ class Size:
             mgr.save_agent(self.model, 1)
         self.file = source / PT
         self.file_bytes = self.file.stat().st_size
+        self.sidecar = (source / SIDECAR).read_bytes()
 
     def url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"
@@ -182,6 +190,19 @@ class Size:
         self.drop_cached_file()
         start = time.perf_counter()
         s3.client.upload_file(str(self.file), self.bucket, f"{prefix}/{PT}", Config=s3.transfer[n])
+        return {"s": time.perf_counter() - start}
+
+    def transfer_manager_commit(self, prefix: str) -> dict[str, Any]:
+        upload = self.transfer_manager(prefix)["s"]
+        start = time.perf_counter()
+        self.s3.client.put_object(Bucket=self.bucket, Key=f"{prefix}/{SIDECAR}", Body=self.sidecar)
+        return {"s": upload + time.perf_counter() - start, "sidecar_s": time.perf_counter() - start}
+
+    def bgsave_upload_file(self, prefix: str) -> dict[str, Any]:
+        storage = open_storage(self.url(prefix), argument="mirror")  # s3fs's cached filesystem: the mirror's
+        self.drop_cached_file()
+        start = time.perf_counter()
+        storage.upload_file(str(self.file), storage.join(PT))
         return {"s": time.perf_counter() - start}
 
     def s3fs_put(self, prefix: str) -> dict[str, Any]:
@@ -420,6 +441,8 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     uploads["direct_s3"] = size.direct_s3
     uploads["direct_s3_later"] = lambda prefix: size.direct_s3(prefix, later=True)
     uploads["s3fs_put"] = size.s3fs_put
+    uploads["bgsave_upload_file"] = size.bgsave_upload_file
+    uploads["transfer_manager_commit"] = size.transfer_manager_commit
     methods = run_rounds(size, uploads, args.repeats, "upload")
 
     load_results: dict[str, dict[str, Any]] = {}
@@ -447,12 +470,19 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
             "direct_s3 / transfer_manager": ratio(methods["direct_s3"], tm),
             "direct_s3_later / transfer_manager": ratio(methods["direct_s3_later"], tm),
             "s3fs_put / transfer_manager": ratio(methods["s3fs_put"], tm),
+            "bgsave_upload_file / transfer_manager": ratio(methods["bgsave_upload_file"], tm),
+            "mirror_upload / transfer_manager_commit": ratio(
+                methods.get("mirror_upload"), methods["transfer_manager_commit"]
+            ),
             "load_agent_mirror / download_torch_load": ratio(load_results.get("load_agent_mirror"), base),
             "load_agent_s3 / download_torch_load": ratio(load_results.get("load_agent_s3"), base),
             "load_checkpoint / download_torch_load": ratio(load_results.get("load_checkpoint"), base),
         },
     }
     pairs = [(name, methods[name], tm, "transfer_manager") for name in methods]
+    if "mirror_upload" in methods:  # against what TransferManager sends for a mirrored epoch
+        commit = "transfer_manager_commit"
+        pairs.append(("mirror_upload", methods["mirror_upload"], methods[commit], commit))
     pairs += [(name, load_results[name], base, "download_torch_load") for name in load_results]
     pairs = [pair for pair in pairs if pair[0] != pair[3]]  # not the reference against itself
     out["paired_ratios"] = {f"{name} / {ref}": paired(num, den) for name, num, den, ref in pairs}
@@ -687,13 +717,16 @@ def print_tables(
     for key, row in results.items():
         tm = row["uploads"]["transfer_manager"]
         print(f"\n{key} MiB ({row['file_bytes'] / 1e6:.1f} MB file): uploads, median (min-max)")
-        print(f"| {'upload':20} | {'time':24} | {'vs TransferManager':>18} | {'paired':>7} |")
-        print(f"|{'-' * 22}|{'-' * 26}|{'-' * 20}|{'-' * 9}|")
-        for name in ("transfer_manager", "mirror_upload", "direct_s3", "direct_s3_later", "s3fs_put"):
-            method = row["uploads"].get(name)
+        print(f"| {'upload':23} | {'time':24} | {'vs TransferManager':>18} | {'paired':>7} |")
+        print(f"|{'-' * 25}|{'-' * 26}|{'-' * 20}|{'-' * 9}|")
+        for name in row["uploads"]:
+            method = row["uploads"][name]
             pair = times(paired(method, tm)) if name != "transfer_manager" else "-"
-            print(f"| {name:20} | {cell(method):24} | {times(ratio(method, tm)):>18} | {pair:>7} |")
-        mirror = row["uploads"].get("mirror_upload")
+            print(f"| {name:23} | {cell(method):24} | {times(ratio(method, tm)):>18} | {pair:>7} |")
+        mirror, commit = row["uploads"].get("mirror_upload"), row["uploads"].get("transfer_manager_commit")
+        if mirror and commit:
+            pair = times(paired(mirror, commit))
+            print(f"  mirror_upload / transfer_manager_commit: {times(ratio(mirror, commit))}, paired {pair}")
         if mirror and "wall_s_median" in mirror:
             print(f"  mirror save_agent to wait(): {mirror['wall_s_median']:.2f} s (median)")
         base = row["loads"].get("download_torch_load")
