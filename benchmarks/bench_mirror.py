@@ -1,7 +1,7 @@
 """Mirror and parallel parts: bgsave's uploads and loads against boto3's TransferManager, on loopback S3.
 
 For each of --sizes (MiB of float32 weights, default 128 and 1024), round-robin rounds, medians of
---repeats, every sample on a fresh prefix (deleted afterwards, untimed):
+--repeats, every sample on a fresh prefix (deleted afterwards, untimed, then --settle seconds of rest):
 
   transfer_manager   boto3 ``upload_file`` of the committed ``model_0001.pt`` (TransferConfig: 8 MiB parts,
                      max_concurrency=10): the reference every upload is held to
@@ -44,7 +44,7 @@ s3fs run with their defaults (both compute a CRC32 of every part).
 
 Usage:
     python benchmarks/bench_mirror.py [--sizes 128,1024] [--repeats 3] [--proxy-mbps 20] [--proxy-sizes 128]
-        [--memory-sizes 128,1024] [--load-sizes 128,1024] [--unsigned-payload]
+        [--memory-sizes 128,1024] [--load-sizes 128,1024] [--unsigned-payload] [--settle 3]
         [--out benchmarks/results/mirror_DATE.json]
 """
 
@@ -332,11 +332,17 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def run_rounds(
     size: Size,
     methods: dict[str, Method],
-    repeats: int,
+    args: argparse.Namespace,
     tag: str,
     proxy: CappedProxy | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each method once per round, the order rotated every round; a fresh prefix per sample, cleaned after."""
+    """Each method once per round, the order rotated every round; a fresh prefix per sample, cleaned after.
+
+    After each clean-up the run waits ``--settle`` seconds (harness/measure.py's ``run_rounds`` says why):
+    every sample frees memory (moto drops the object; a manager its snapshot and parts), and a sample
+    that starts while the VM is handing that memory back to the host is slowed by whatever ran before it.
+    """
+    repeats = args.repeats
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
     names = list(methods)
     for round_ in range(repeats):
@@ -352,6 +358,8 @@ def run_rounds(
                 sample["proxy"] = proxy.stats().since(before)
             size.clean(prefix)
             gc.collect()
+            if args.settle > 0:
+                time.sleep(args.settle)
             raw[name].append(sample)
             shown = f"{sample['s']:.2f} s" if "s" in sample else sample["error"]
             used = f" ({sample['proxy']['parallel_median']} connections at once)" if "proxy" in sample else ""
@@ -443,7 +451,7 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     uploads["s3fs_put"] = size.s3fs_put
     uploads["bgsave_upload_file"] = size.bgsave_upload_file
     uploads["transfer_manager_commit"] = size.transfer_manager_commit
-    methods = run_rounds(size, uploads, args.repeats, "upload")
+    methods = run_rounds(size, uploads, args, "upload")
 
     load_results: dict[str, dict[str, Any]] = {}
     if size.size_mb in args.load_sizes:
@@ -453,7 +461,7 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
             loads["load_agent_mirror"] = size.load_agent_mirror
         loads["load_agent_s3"] = size.load_agent_s3
         loads["load_checkpoint"] = size.load_checkpoint
-        load_results = run_rounds(size, loads, args.repeats, "load")
+        load_results = run_rounds(size, loads, args, "load")
         size.clean("load-run")
         size.clean("load-mirror")
 
@@ -541,7 +549,7 @@ def bench_proxy(size: Size, moto: str, args: argparse.Namespace) -> dict[str, An
             if HAS_MIRROR:
                 methods["mirror_upload_c8"] = lambda p: size.mirror_upload(p, proxy.url, 8)
                 methods["mirror_upload_c1"] = lambda p: size.mirror_upload(p, proxy.url, 1)
-        results = run_rounds(size, methods, args.repeats, "proxy", proxy)
+        results = run_rounds(size, methods, args, "proxy", proxy)
     ratios = {
         "transfer_manager: c1 / c10": ratio(
             results["transfer_manager_c1"], results[f"transfer_manager_c{TM_CONCURRENCY}"]
@@ -576,6 +584,7 @@ def main() -> int:
     parser.add_argument("--proxy-check-mb", type=float, default=20, help="MB moved to check the proxy's cap")
     parser.add_argument("--memory-sizes", type=sizes_arg, default=None, help="sizes whose memory is sampled (all)")
     parser.add_argument("--load-sizes", type=sizes_arg, default=None, help="sizes whose loads are timed (all)")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds to wait after each sample's clean-up (3)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch parent (benchmarks/out)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (benchmarks/results/mirror_<date>.json)")
     parser.add_argument(

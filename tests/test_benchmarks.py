@@ -122,7 +122,7 @@ def test_the_s3_save_trace_runs(tmp_path: Path) -> None:
 def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
     """bench_mirror.py at 8 MiB, one round, moto in its own process: every upload and load, the proxy's cap held."""
     out = tmp_path / "mirror.json"
-    args = ("--sizes", "8", "--proxy-sizes", "8", "--repeats", "1", "--proxy-check-mb", "4")
+    args = ("--sizes", "8", "--proxy-sizes", "8", "--repeats", "1", "--proxy-check-mb", "4", "--settle", "0")
     run("bench_mirror.py", *args, "--dir", str(tmp_path), "--out", str(out))
     report = json.loads(out.read_text())
     assert report["complete"] is True and report["errors"] == []
