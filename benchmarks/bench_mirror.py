@@ -16,6 +16,8 @@ Two rows take the mirror's time apart (no target; the cold file of transfer_mana
                            (its parallel parts), held to transfer_manager
   transfer_manager_commit  transfer_manager, then one ``put_object`` of the epoch's sidecar (its commit): what
                            a mirrored epoch sends, sent by TransferManager; mirror_upload is also held to it
+  transfer_manager_fresh   TransferManager in the mirror's place: a local save (a fresh manager, no mirror), then
+                           at once ``upload_file`` of the file it committed; mirror_upload is also held to it
 Loads of one checkpoint uploaded beforehand (untimed), each into a fresh process-like reader:
   download_torch_load  boto3 ``download_file`` (same TransferConfig) to a temp file, then ``torch.load``
   load_checkpoint      ``bgsave.load_checkpoint("s3://.../model_0001.pt")``
@@ -185,12 +187,22 @@ class Size:
                 os.close(fd)
 
     # uploads: each returns a sample, {"s": the time compared, ...}
-    def transfer_manager(self, prefix: str, s3: S3 | None = None, n: int = TM_CONCURRENCY) -> dict[str, Any]:
+    def transfer_manager(
+        self, prefix: str, s3: S3 | None = None, n: int = TM_CONCURRENCY, file: Path | None = None
+    ) -> dict[str, Any]:
         s3 = s3 or self.s3
-        self.drop_cached_file()
+        if file is None:
+            self.drop_cached_file()
         start = time.perf_counter()
-        s3.client.upload_file(str(self.file), self.bucket, f"{prefix}/{PT}", Config=s3.transfer[n])
+        s3.client.upload_file(str(file or self.file), self.bucket, f"{prefix}/{PT}", Config=s3.transfer[n])
         return {"s": time.perf_counter() - start}
+
+    def transfer_manager_fresh(self, prefix: str) -> dict[str, Any]:
+        local = self.scratch / prefix.replace("/", "-")
+        with CheckpointManager(local, RUN) as mgr:
+            mgr.save_agent(self.model, 1)
+            mgr.wait()
+            return self.transfer_manager(prefix, file=local / PT)
 
     def transfer_manager_commit(self, prefix: str) -> dict[str, Any]:
         upload = self.transfer_manager(prefix)["s"]
@@ -451,6 +463,7 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     uploads["s3fs_put"] = size.s3fs_put
     uploads["bgsave_upload_file"] = size.bgsave_upload_file
     uploads["transfer_manager_commit"] = size.transfer_manager_commit
+    uploads["transfer_manager_fresh"] = size.transfer_manager_fresh
     methods = run_rounds(size, uploads, args, "upload")
 
     load_results: dict[str, dict[str, Any]] = {}
@@ -482,15 +495,18 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
             "mirror_upload / transfer_manager_commit": ratio(
                 methods.get("mirror_upload"), methods["transfer_manager_commit"]
             ),
+            "mirror_upload / transfer_manager_fresh": ratio(
+                methods.get("mirror_upload"), methods["transfer_manager_fresh"]
+            ),
             "load_agent_mirror / download_torch_load": ratio(load_results.get("load_agent_mirror"), base),
             "load_agent_s3 / download_torch_load": ratio(load_results.get("load_agent_s3"), base),
             "load_checkpoint / download_torch_load": ratio(load_results.get("load_checkpoint"), base),
         },
     }
     pairs = [(name, methods[name], tm, "transfer_manager") for name in methods]
-    if "mirror_upload" in methods:  # against what TransferManager sends for a mirrored epoch
-        commit = "transfer_manager_commit"
-        pairs.append(("mirror_upload", methods["mirror_upload"], methods[commit], commit))
+    if "mirror_upload" in methods:  # against TransferManager sending what a mirrored epoch sends, and where
+        for reference in ("transfer_manager_commit", "transfer_manager_fresh"):
+            pairs.append(("mirror_upload", methods["mirror_upload"], methods[reference], reference))
     pairs += [(name, load_results[name], base, "download_torch_load") for name in load_results]
     pairs = [pair for pair in pairs if pair[0] != pair[3]]  # not the reference against itself
     out["paired_ratios"] = {f"{name} / {ref}": paired(num, den) for name, num, den, ref in pairs}
@@ -732,10 +748,11 @@ def print_tables(
             method = row["uploads"][name]
             pair = times(paired(method, tm)) if name != "transfer_manager" else "-"
             print(f"| {name:23} | {cell(method):24} | {times(ratio(method, tm)):>18} | {pair:>7} |")
-        mirror, commit = row["uploads"].get("mirror_upload"), row["uploads"].get("transfer_manager_commit")
-        if mirror and commit:
-            pair = times(paired(mirror, commit))
-            print(f"  mirror_upload / transfer_manager_commit: {times(ratio(mirror, commit))}, paired {pair}")
+        mirror = row["uploads"].get("mirror_upload")
+        for reference in ("transfer_manager_commit", "transfer_manager_fresh"):
+            if mirror and (other := row["uploads"].get(reference)):
+                pair = times(paired(mirror, other))
+                print(f"  mirror_upload / {reference}: {times(ratio(mirror, other))}, paired {pair}")
         if mirror and "wall_s_median" in mirror:
             print(f"  mirror save_agent to wait(): {mirror['wall_s_median']:.2f} s (median)")
         base = row["loads"].get("download_torch_load")

@@ -133,7 +133,7 @@ def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
     mirror, concurrency = report["features"]["mirror"], report["features"]["max_concurrency"]
     row = report["results"]["8"]
     uploads = {"transfer_manager", "direct_s3", "direct_s3_later", "s3fs_put", "bgsave_upload_file"}
-    uploads |= {"transfer_manager_commit"} | ({"mirror_upload"} if mirror else set())
+    uploads |= {"transfer_manager_commit", "transfer_manager_fresh"} | ({"mirror_upload"} if mirror else set())
     loads = {"download_torch_load", "load_agent_s3", "load_checkpoint"} | ({"load_agent_mirror"} if mirror else set())
     for group, names in (("uploads", uploads), ("loads", loads)):
         assert set(row[group]) == names
@@ -141,7 +141,7 @@ def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
             assert 0 < row[group][name]["median_s"] < 60, name
     assert set(row["paired_ratios"]) == {f"{n} / transfer_manager" for n in uploads - {"transfer_manager"}} | {
         f"{n} / download_torch_load" for n in loads - {"download_torch_load"}
-    } | ({"mirror_upload / transfer_manager_commit"} if mirror else set())
+    } | ({"mirror_upload / transfer_manager_commit", "mirror_upload / transfer_manager_fresh"} if mirror else set())
     assert all(value > 0 for value in row["paired_ratios"].values())
     assert row["paired_90pct"] == dict.fromkeys(row["paired_ratios"])  # one round: too few for an interval
     assert row["memory"]["expected_extra_bytes"] > 0
