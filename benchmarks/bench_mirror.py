@@ -11,7 +11,7 @@ For each of --sizes (MiB of float32 weights, default 128 and 1024), round-robin 
                      manager's first save: the lock, the listings and a cold snapshot buffer included)
   direct_s3_later    the same manager's next save, as in a training loop (epoch 1 saved first, untimed)
   s3fs_put           ``fs.put_file`` of the same file: s3fs's own upload, one part at a time (reference)
-Two rows take the mirror's time apart (no target; the cold file of transfer_manager):
+Three rows take the mirror's time apart (no target; the first two upload transfer_manager's cold file):
   bgsave_upload_file       the mirror's upload of the weights alone: ``upload_file`` of bgsave's S3 storage
                            (its parallel parts), held to transfer_manager
   transfer_manager_commit  transfer_manager, then one ``put_object`` of the epoch's sidecar (its commit): what
@@ -91,6 +91,8 @@ TM_CONCURRENCY = 10
 RUN = "bench"
 PT = "checkpoints/model_0001.pt"
 SIDECAR = "checkpoints/model_0001.yaml"
+# What else mirror_upload is held to (no target): TransferManager sending what a mirrored epoch sends, and where.
+MIRROR_REFERENCES = ("transfer_manager_commit", "transfer_manager_fresh")
 TARGETS = {  # name: (limit, "<=" or ">=")
     "mirror_upload / transfer_manager": (1.0, "<="),
     "direct_s3 / transfer_manager": (1.1, "<="),
@@ -191,7 +193,7 @@ class Size:
         self, prefix: str, s3: S3 | None = None, n: int = TM_CONCURRENCY, file: Path | None = None
     ) -> dict[str, Any]:
         s3 = s3 or self.s3
-        if file is None:
+        if file is None:  # the committed file of long ago; a file just committed is past the page cache already
             self.drop_cached_file()
         start = time.perf_counter()
         s3.client.upload_file(str(file or self.file), self.bucket, f"{prefix}/{PT}", Config=s3.transfer[n])
@@ -492,21 +494,17 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
             "direct_s3_later / transfer_manager": ratio(methods["direct_s3_later"], tm),
             "s3fs_put / transfer_manager": ratio(methods["s3fs_put"], tm),
             "bgsave_upload_file / transfer_manager": ratio(methods["bgsave_upload_file"], tm),
-            "mirror_upload / transfer_manager_commit": ratio(
-                methods.get("mirror_upload"), methods["transfer_manager_commit"]
-            ),
-            "mirror_upload / transfer_manager_fresh": ratio(
-                methods.get("mirror_upload"), methods["transfer_manager_fresh"]
-            ),
+            **{
+                f"mirror_upload / {ref}": ratio(methods.get("mirror_upload"), methods[ref]) for ref in MIRROR_REFERENCES
+            },
             "load_agent_mirror / download_torch_load": ratio(load_results.get("load_agent_mirror"), base),
             "load_agent_s3 / download_torch_load": ratio(load_results.get("load_agent_s3"), base),
             "load_checkpoint / download_torch_load": ratio(load_results.get("load_checkpoint"), base),
         },
     }
     pairs = [(name, methods[name], tm, "transfer_manager") for name in methods]
-    if "mirror_upload" in methods:  # against TransferManager sending what a mirrored epoch sends, and where
-        for reference in ("transfer_manager_commit", "transfer_manager_fresh"):
-            pairs.append(("mirror_upload", methods["mirror_upload"], methods[reference], reference))
+    if "mirror_upload" in methods:
+        pairs += [("mirror_upload", methods["mirror_upload"], methods[ref], ref) for ref in MIRROR_REFERENCES]
     pairs += [(name, load_results[name], base, "download_torch_load") for name in load_results]
     pairs = [pair for pair in pairs if pair[0] != pair[3]]  # not the reference against itself
     out["paired_ratios"] = {f"{name} / {ref}": paired(num, den) for name, num, den, ref in pairs}
@@ -749,7 +747,7 @@ def print_tables(
             pair = times(paired(method, tm)) if name != "transfer_manager" else "-"
             print(f"| {name:23} | {cell(method):24} | {times(ratio(method, tm)):>18} | {pair:>7} |")
         mirror = row["uploads"].get("mirror_upload")
-        for reference in ("transfer_manager_commit", "transfer_manager_fresh"):
+        for reference in MIRROR_REFERENCES:
             if mirror and (other := row["uploads"].get(reference)):
                 pair = times(paired(mirror, other))
                 print(f"  mirror_upload / {reference}: {times(ratio(mirror, other))}, paired {pair}")
