@@ -42,11 +42,17 @@ targets are SKIP.
 
 The S3 server is moto's, in its own process on 127.0.0.1 (as in the crash tests); it writes at about
 45-50 MiB/s here, so absolute times say more about moto than S3: the ratios are the result. boto3 and
-s3fs run with their defaults (both compute a CRC32 of every part).
+s3fs run with their defaults (both compute a CRC32 of every part). The server keeps the memory it frees
+(:data:`SERVER_ENV`): moto joins a multipart upload's parts in fresh memory at its complete (some four
+copies of the object), and this VM hands freed memory back to the host (free page reporting), which then
+costs a host fault per page when touched again, so the complete of 128 MiB took 0.3-0.9 s as it came: half
+of an upload, and most of its noise. Reusing its own memory it takes 0.11-0.17 s (trace_s3_save.py, the
+first complete of a server excepted). That cost is the stand-in's, not S3's, and lay on every upload
+alike; ``--server-returns-memory`` runs the server as the results up to 2026-12-04 did.
 
 Usage:
     python benchmarks/bench_mirror.py [--sizes 128,1024] [--repeats 3] [--proxy-mbps 20] [--proxy-sizes 128]
-        [--memory-sizes 128,1024] [--load-sizes 128,1024] [--unsigned-payload] [--settle 3]
+        [--memory-sizes 128,1024] [--load-sizes 128,1024] [--unsigned-payload] [--settle 3] [--server-returns-memory]
         [--out benchmarks/results/mirror_DATE.json]
 """
 
@@ -91,6 +97,8 @@ TM_CONCURRENCY = 10
 RUN = "bench"
 PT = "checkpoints/model_0001.pt"
 SIDECAR = "checkpoints/model_0001.yaml"
+# glibc in the S3 server's process keeps what it frees: no chunk of its own mapping, no trimming, one arena.
+SERVER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_ARENA_MAX": "1"}
 # What else mirror_upload is held to (no target): TransferManager sending what a mirrored epoch sends, and where.
 MIRROR_REFERENCES = ("transfer_manager_commit", "transfer_manager_fresh")
 TARGETS = {  # name: (limit, "<=" or ">=")
@@ -101,6 +109,19 @@ TARGETS = {  # name: (limit, "<=" or ">=")
     "load_agent_s3 / download_torch_load": (1.0, "<="),
     "load_checkpoint / download_torch_load": (1.0, "<="),
 }
+
+
+def add_server_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server-returns-memory",
+        action="store_true",
+        help="run the S3 server with glibc's defaults, not SERVER_ENV (as the results up to 2026-12-04)",
+    )
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str] | None:
+    """The S3 server's extra environment (see the module docstring)."""
+    return None if args.server_returns_memory else SERVER_ENV
 
 
 def part_size() -> tuple[int, str]:
@@ -606,6 +627,7 @@ def main() -> int:
         action="store_true",
         help="every client skips SHA256 payload signing, as botocore does over HTTPS (an AWS config file)",
     )
+    add_server_argument(parser)
     args = parser.parse_args()
     args.memory_sizes = args.sizes if args.memory_sizes is None else args.memory_sizes
     args.load_sizes = args.sizes if args.load_sizes is None else args.load_sizes
@@ -638,7 +660,7 @@ def main() -> int:
         return body
 
     try:
-        with crash_child.moto_server() as moto:
+        with crash_child.moto_server(env=server_env(args)) as moto:
             os.environ.update(crash_child.s3_env(moto))
             if args.unsigned_payload:
                 os.environ["AWS_CONFIG_FILE"] = str(unsigned_payload_config(scratch))
@@ -710,6 +732,7 @@ def describe(
         },
         "skipped": skipped,
         "server": "moto S3 server on 127.0.0.1 in a separate process; proxy: harness/capped_proxy.py in this process",
+        "server_env": server_env(args),
         "transfer_config": {"multipart_chunksize": TM_PART, "multipart_threshold": TM_PART, "max_concurrency": 10},
         "machine": info,
         "versions": package_versions,

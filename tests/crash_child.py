@@ -539,11 +539,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_server(timeout: float = 30.0) -> Iterator[str]:
-    """``python -m moto.server`` on 127.0.0.1 as a separate process (it outlives killed children); yields the URL."""
+def moto_server(timeout: float = 30.0, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """``python -m moto.server`` on 127.0.0.1 as a separate process (it outlives killed children); yields the URL.
+
+    ``env``: variables set for the server's process only, on top of this one's.
+    """
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=None if env is None else {**os.environ, **env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
