@@ -16,6 +16,7 @@ from typing import IO, Any
 import pytest
 import torch
 
+from bgsave import CheckpointManager
 from bgsave.errors import InvalidArgumentError
 from bgsave.storage import RetryPolicy, Storage, is_transient, open_storage
 from bgsave.storage.lanes import MAX_LANES, lanes
@@ -185,6 +186,60 @@ def test_upload_file_round_trip(
     assert hashlib.sha256(clean.cat_file(path)).digest() == hashlib.sha256(local.read_bytes()).digest()
     assert faulty.count("UploadPart") == (3 if size > PART_SIZE else 0)
     assert uploads(clean, storage) == []
+
+
+def test_the_next_upload_fills_the_part_buffers_the_storage_kept(
+    s3_run_dir: str, faulty: FaultyS3, clean: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage keeps one upload's buffers (at most max_concurrency + 1) and the next upload takes them.
+
+    The next is shorter, then streamed: each object still holds exactly its own bytes.
+    """
+    faulty.clear()
+    storage = storage_for(s3_run_dir, faulty, 2)
+    pool = storage.part_buffers  # type: ignore[attr-defined]
+    taken: list[Any] = []
+    take = pool.take
+
+    def recorded() -> Any:
+        taken.append(take())
+        return taken[-1]
+
+    monkeypatch.setattr(pool, "take", recorded)
+    longer, shorter = tmp_path / "longer.pt", tmp_path / "shorter.pt"
+    longer.write_bytes(data_of(5 * PART_SIZE + 5))
+    shorter.write_bytes(data_of(2 * PART_SIZE + 7))
+    storage.upload_file(str(longer), storage.join("longer.pt"))
+    assert len(pool) == 3
+    first = {id(part) for part in taken}
+    taken.clear()
+    storage.upload_file(str(shorter), storage.join("shorter.pt"))
+    streamed = data_of(3 * PART_SIZE + 1)
+    storage.write_bytes_atomic(storage.join("streamed.bin"), streamed)
+    assert {id(part) for part in taken} <= first  # no new buffer
+    assert clean.cat_file(storage.join("longer.pt")) == longer.read_bytes()
+    assert clean.cat_file(storage.join("shorter.pt")) == shorter.read_bytes()
+    assert clean.cat_file(storage.join("streamed.bin")) == streamed
+    assert len(pool) == 3
+    storage.drop_buffers()
+    assert len(pool) == 0
+
+
+@pytest.mark.parametrize("tier", ["run directory", "mirror"])
+def test_a_closed_manager_keeps_no_part_buffers(s3_run_dir: str, faulty: FaultyS3, tmp_path: Any, tier: str) -> None:
+    """Between saves a manager keeps its last upload's part buffers (a bucket's, a mirror's); once closed, none."""
+    options = {"client_kwargs": {"endpoint_url": faulty.endpoint}}
+    if tier == "mirror":
+        mgr = CheckpointManager(tmp_path / "run", "exp", mirror=s3_run_dir, mirror_storage_options=options)
+    else:
+        mgr = CheckpointManager(s3_run_dir, "exp", storage_options=options)
+    with mgr:
+        mgr.save_agent(torch.nn.Linear(1024, 4096), 1)  # 16 MiB of weights: three parts
+        mgr.wait()
+        storage = mgr._mirror.storage if mgr._mirror is not None else mgr._catalog.storage
+        pool = storage.part_buffers  # type: ignore[attr-defined]
+        assert len(pool) > 0
+    assert len(pool) == 0
 
 
 @pytest.mark.parametrize("source", ["streamed", "local file"])

@@ -12,7 +12,7 @@
   (0.03 s to moto) and the first snapshot fills fresh buffers (0.06 s at 128 MiB), so the first save
   stalls for the longer of the two, not their sum. The job is queued only once the claim succeeded.
 * **close()** flushes the worker, stops it, waits for the mirror's uploads, writes the catalog's
-  index (:mod:`bgsave.catalog_index`), releases the locks and drops the snapshot buffers; under
+  index (:mod:`bgsave.catalog_index`), releases the locks and drops the snapshot and part buffers; under
   torch.distributed a failure reaches every rank (:mod:`bgsave.distributed`). A close that times
   out leaves the lock held until the abandoned write has stopped: it may still land.
 * **Dropped unclosed, or the interpreter exiting**: a finalizer closes the worker and logs (it can
@@ -233,6 +233,9 @@ class Lifecycle:
             self._lock.release()
         finally:
             self._pool.clear()
+            self._catalog.storage.drop_buffers()
+            if self._mirror is not None:
+                self._mirror.storage.drop_buffers()
 
     def _log_errors(self, what: str) -> None:
         while self._worker.pending_errors():

@@ -124,6 +124,9 @@ class Storage:
         return run_with_retries(self.retry, what, self.display(path), operation)
 
     # ---- writing ----------------------------------------------------------------------------
+    def drop_buffers(self) -> None:
+        """Free the memory kept from one write for the next (an object store's part buffers); nothing here."""
+
     def makedirs(self, path: str) -> None:
         """Create ``path`` and its parents where the backend has directories."""
         self.retrying("creating", path, lambda _: self.fs.makedirs(path, exist_ok=True))

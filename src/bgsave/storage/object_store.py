@@ -33,7 +33,8 @@ from typing import IO, Any
 
 from bgsave.storage import parts, ranges
 from bgsave.storage.base import Attempt, Storage, Writer
-from bgsave.storage.retry import abort_upload, describe
+from bgsave.storage.part_buffers import PartBuffers
+from bgsave.storage.retry import RetryPolicy, abort_upload, describe
 
 __all__ = ("OBJECT_STORES", "ObjectStorage")
 
@@ -52,6 +53,14 @@ _SINGLE_PUT_MAX = 5 * 2**20
 
 class ObjectStorage(Storage):
     """A key prefix in a bucket (see the module docstring)."""
+
+    def __init__(self, fs: Any, root: str, retry: RetryPolicy, max_concurrency: int = 8) -> None:
+        super().__init__(fs, root, retry, max_concurrency)
+        self.part_buffers = PartBuffers(max_concurrency + 1)  # one upload's parts, kept for the next (S3)
+
+    def drop_buffers(self) -> None:
+        """Free the part buffers kept for the next upload."""
+        self.part_buffers.clear()
 
     def makedirs(self, path: str) -> None:
         """Nothing: keys need no directories, and s3fs would create a missing *bucket*."""
@@ -78,7 +87,9 @@ class ObjectStorage(Storage):
 
     def _target(self, path: str) -> parts.Target:
         bucket, key, _ = self.fs.split_path(path)
-        return parts.Target(self.fs, bucket, key, self.display(path), self.retry, self.max_concurrency)
+        return parts.Target(
+            self.fs, bucket, key, self.display(path), self.retry, self.max_concurrency, self.part_buffers
+        )
 
     def _upload(self, attempt: Attempt, path: str, write: Writer, before_commit: Callable[[], None] | None) -> int:
         f = self.fs._open(self.fs._strip_protocol(path), "wb", block_size=_WRITE_BLOCK_SIZE, autocommit=False)

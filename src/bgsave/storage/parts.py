@@ -6,14 +6,15 @@ created, without waiting, when the first part is full (a local file of several p
 first part is read); a full part is sent as one ``upload_part`` coroutine on an event loop (parts
 take turns on the :mod:`~bgsave.storage.lanes`) while the writer goes on, and when
 ``max_concurrency`` parts are in flight it waits for any one. A part's ``BytesIO`` is sent as it is
-(no copy) and refilled once acknowledged: memory stays at most ``max_concurrency + 1`` parts. A local
-file (the mirror's) is read straight into such buffers, the kernel reading ahead. Checksums are
-botocore's: where it puts a CRC32 on every part (its default), the upload is created with that
-algorithm, each part's CRC32 is computed in the caller's thread and the completion lists them, as
-s3transfer does. An object of at most one part is one ``put_object``. The upload is completed only
-once the writer returned and every part was acknowledged, right after ``before_commit``. On any
-error the parts in flight finish their current request, without further attempts, and the upload
-is aborted (:func:`~bgsave.storage.retry.abort_upload`): nothing visible or billed.
+(no copy) and refilled once acknowledged: memory stays at most ``max_concurrency + 1`` parts, kept
+for the storage's next upload (:mod:`~bgsave.storage.part_buffers`). A local file (the mirror's) is
+read straight into such buffers, the kernel reading ahead. Checksums are botocore's: where it puts a
+CRC32 on every part (its default), the upload is created with that algorithm, each part's CRC32 is
+computed in the caller's thread and the completion lists them, as s3transfer does. An object of at
+most one part is one ``put_object``. The upload is completed only once the writer returned and
+every part was acknowledged, right after ``before_commit``. On any error the parts in flight
+finish their current request, without further attempts, and the upload is aborted
+(:func:`~bgsave.storage.retry.abort_upload`): nothing visible or billed.
 
 Retries. A part that fails transiently is retried alone, with the storage's :class:`RetryPolicy`
 (logged with the URL, the part and the attempt); one that used up its attempts raises
@@ -22,8 +23,7 @@ treats as final, so attempts do not multiply. Creating and completing the upload
 here: a failure there restarts the whole file in that loop (a completion whose answer was lost is
 safe to redo; retried alone it would meet ``NoSuchUpload``).
 
-Reading large objects in parallel ranged GETs is :mod:`~bgsave.storage.ranges`; it shares
-:class:`Target` (one object, with the retry of one request) from here.
+Reading in parallel ranged GETs is :mod:`~bgsave.storage.ranges`, which shares :class:`Target` from here.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from typing import IO, Any, TypeVar, cast
 import fsspec.asyn
 
 from bgsave.storage.lanes import lanes
+from bgsave.storage.part_buffers import PartBuffers
 from bgsave.storage.retry import (
     Attempt,
     RetriesExhaustedError,
@@ -99,6 +100,7 @@ class Target:
     shown: str
     policy: RetryPolicy
     concurrency: int
+    buffers: PartBuffers  # the storage's, kept between its uploads
 
     def call(self, method: str, **kwargs: Any) -> Any:
         """One request on s3fs's loop, waited for."""
@@ -160,16 +162,13 @@ class MultipartUpload:
         self._created: concurrent.futures.Future[str] | None = None  # the upload's id, once the store answered
         self._done: list[dict[str, Any]] = []  # acknowledged parts, in the order they were
         self._pending: dict[concurrent.futures.Future[dict[str, Any]], io.BytesIO] = {}
-        self._spare: list[io.BytesIO] = []  # the buffers of acknowledged parts, to fill again
         self._lanes = lanes(target.fs, target.concurrency)  # the filesystems (each on its loop) parts take turns on
         self._stops = [asyncio.Event() for _ in self._lanes]  # each set on its lane's loop when the write failed
         self._checksum: dict[str, str] = {}
 
     def buffer(self) -> io.BytesIO:
-        """An empty buffer for a part: an acknowledged part's (a fresh 8 MiB one costs 2,048 page faults)."""
-        part = self._spare.pop() if self._spare else io.BytesIO()
-        part.seek(0)
-        return part
+        """An empty buffer for a part: an acknowledged part's, of this upload or an earlier one."""
+        return self.target.buffers.take()
 
     def start(self) -> concurrent.futures.Future[str]:
         """Create the upload, without waiting (the first part is read or serialized meanwhile); its id."""
@@ -244,7 +243,7 @@ class MultipartUpload:
         for future in done:
             part = future.result()
             self._done.append(part)
-            self._spare.append(self._pending.pop(future))
+            self.target.buffers.give(self._pending.pop(future))
 
     def finish(self, last: io.BytesIO, before_commit: Callable[[], None] | None) -> None:
         """Send ``last`` (up to its position), wait for every part, run ``before_commit``, then commit."""
@@ -254,6 +253,7 @@ class MultipartUpload:
             last.truncate(last.tell())
             last.seek(0)
             self.target.call("put_object", Body=last)
+            self.target.buffers.give(last)
         else:
             if last.tell():
                 self.send(last)
