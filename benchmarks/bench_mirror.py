@@ -7,6 +7,8 @@ For each of --sizes (MiB of float32 weights, default 128 and 1024), round-robin 
                      max_concurrency=10): the reference every upload is held to
   mirror_upload      a local run directory with ``mirror="s3://..."``: ``save_agent`` then ``wait()``; the time
                      is ``mirror_status()``'s ``upload_s`` for the epoch (``wall_s``: the call to the end of wait)
+  mirror_upload_later  the same manager's next mirrored save, as in a training loop (epoch 1 first, untimed;
+                     its storage has kept the part buffers of that upload)
   direct_s3          ``save_agent`` + ``wait()`` on an ``s3://`` run directory: time to durable (a fresh
                      manager's first save: the lock, the listings and a cold snapshot buffer included)
   direct_s3_later    the same manager's next save, as in a training loop (epoch 1 saved first, untimed)
@@ -270,20 +272,31 @@ class Size:
         return {"s": durable, "stall_s": stall}
 
     def mirror_upload(
-        self, prefix: str, endpoint: str | None = None, n: int | None = None, mark: Callable[[], None] = lambda: None
+        self,
+        prefix: str,
+        endpoint: str | None = None,
+        n: int | None = None,
+        later: bool = False,
+        mark: Callable[[], None] = lambda: None,
     ) -> dict[str, Any]:
         local = self.scratch / prefix.replace("/", "-")
         kwargs = {"mirror": self.url(prefix), "mirror_storage_options": endpoint_options(endpoint), **concurrency(n)}
+        epoch = 2 if later else 1
         with CheckpointManager(local, RUN, **kwargs) as mgr:
+            if later:
+                mgr.save_agent(self.model, 1)
+                mgr.wait()
             mark()
             start = time.perf_counter()
-            mgr.save_agent(self.model, 1)
+            mgr.save_agent(self.model, epoch)
             stall = time.perf_counter() - start
             mgr.wait()
             wall = time.perf_counter() - start
-            (status,) = [s for s in mgr.mirror_status() if s.epoch == 1]
+            (status,) = [s for s in mgr.mirror_status() if s.epoch == epoch]
         if status.state != "mirrored" or status.upload_s is None:
-            raise RuntimeError(f"epoch 1 is {status.state!r} (upload_s={status.upload_s!r}, error={status.error!r})")
+            raise RuntimeError(
+                f"epoch {epoch} is {status.state!r} (upload_s={status.upload_s!r}, error={status.error!r})"
+            )
         return {"s": float(status.upload_s), "wall_s": wall, "stall_s": stall}
 
     def local_save(self, prefix: str) -> dict[str, Any]:
@@ -481,6 +494,7 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     uploads: dict[str, Method] = {"transfer_manager": size.transfer_manager}
     if HAS_MIRROR:
         uploads["mirror_upload"] = size.mirror_upload
+        uploads["mirror_upload_later"] = lambda prefix: size.mirror_upload(prefix, later=True)
     uploads["direct_s3"] = size.direct_s3
     uploads["direct_s3_later"] = lambda prefix: size.direct_s3(prefix, later=True)
     uploads["s3fs_put"] = size.s3fs_put
@@ -511,6 +525,7 @@ def bench_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
         "loads": load_results,
         "ratios": {
             "mirror_upload / transfer_manager": ratio(methods.get("mirror_upload"), tm),
+            "mirror_upload_later / transfer_manager": ratio(methods.get("mirror_upload_later"), tm),
             "direct_s3 / transfer_manager": ratio(methods["direct_s3"], tm),
             "direct_s3_later / transfer_manager": ratio(methods["direct_s3_later"], tm),
             "s3fs_put / transfer_manager": ratio(methods["s3fs_put"], tm),
