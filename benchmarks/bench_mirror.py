@@ -48,7 +48,7 @@ s3fs run with their defaults (both compute a CRC32 of every part). The server ke
 (:data:`SERVER_ENV`): moto joins a multipart upload's parts in fresh memory at its complete (some four
 copies of the object), and this VM hands freed memory back to the host (free page reporting), which then
 costs a host fault per page when touched again, so the complete of 128 MiB took 0.3-0.9 s as it came: half
-of an upload, and most of its noise. Reusing its own memory it takes 0.11-0.17 s (trace_s3_save.py, the
+of an upload, and most of its noise. Reusing its own memory it takes 0.11-0.18 s (trace_s3_save.py, the
 first complete of a server excepted). That cost is the stand-in's, not S3's, and lay on every upload
 alike; ``--server-returns-memory`` runs the server as the results up to 2026-12-04 did.
 
@@ -248,6 +248,22 @@ class Size:
         self.s3.fs.put_file(str(self.file), f"{self.bucket}/{prefix}/{PT}")
         return {"s": time.perf_counter() - start}
 
+    def timed_save(self, mgr: CheckpointManager, later: bool, mark: Callable[[], None]) -> tuple[int, float, float]:
+        """One timed save by ``mgr``: its epoch, its stall, and the time to the end of its ``wait()``.
+
+        ``later``: epoch 2, after an untimed epoch 1. ``mark``: called right before it (trace_s3_save.py's).
+        """
+        if later:
+            mgr.save_agent(self.model, 1)
+            mgr.wait()
+        epoch = 2 if later else 1
+        mark()
+        start = time.perf_counter()
+        mgr.save_agent(self.model, epoch)
+        stall = time.perf_counter() - start
+        mgr.wait()
+        return epoch, stall, time.perf_counter() - start
+
     def direct_s3(
         self,
         prefix: str,
@@ -256,19 +272,10 @@ class Size:
         later: bool = False,
         mark: Callable[[], None] = lambda: None,
     ) -> dict[str, Any]:
-        """``mark`` (here and in :meth:`mirror_upload`): called right before the timed save (trace_s3_save.py's)."""
         with CheckpointManager(
             self.url(prefix), RUN, storage_options=endpoint_options(endpoint), **concurrency(n)
         ) as mgr:
-            if later:
-                mgr.save_agent(self.model, 1)
-                mgr.wait()
-            mark()
-            start = time.perf_counter()
-            mgr.save_agent(self.model, 2 if later else 1)
-            stall = time.perf_counter() - start
-            mgr.wait()
-            durable = time.perf_counter() - start
+            _, stall, durable = self.timed_save(mgr, later, mark)
         return {"s": durable, "stall_s": stall}
 
     def mirror_upload(
@@ -281,17 +288,8 @@ class Size:
     ) -> dict[str, Any]:
         local = self.scratch / prefix.replace("/", "-")
         kwargs = {"mirror": self.url(prefix), "mirror_storage_options": endpoint_options(endpoint), **concurrency(n)}
-        epoch = 2 if later else 1
         with CheckpointManager(local, RUN, **kwargs) as mgr:
-            if later:
-                mgr.save_agent(self.model, 1)
-                mgr.wait()
-            mark()
-            start = time.perf_counter()
-            mgr.save_agent(self.model, epoch)
-            stall = time.perf_counter() - start
-            mgr.wait()
-            wall = time.perf_counter() - start
+            epoch, stall, wall = self.timed_save(mgr, later, mark)
             (status,) = [s for s in mgr.mirror_status() if s.epoch == epoch]
         if status.state != "mirrored" or status.upload_s is None:
             raise RuntimeError(

@@ -15,7 +15,7 @@ so its phases stand beside bgsave's. Each is split into phases: ``stall`` (in ``
 acknowledged), ``to_complete`` (then to ``complete_multipart_upload``: the old sidecar and trainer
 state uncommitted), ``complete`` and ``to_durable`` (the sidecar). The requests of the last round
 are printed one per line. The S3 server runs as in ``bench_mirror.py`` (keeping the memory it frees, unless
-``--server-returns-memory``): its ``complete`` is then 0.11-0.17 s at 128 MiB, not 0.3-0.9 s.
+``--server-returns-memory``): its ``complete`` is then 0.11-0.18 s at 128 MiB, not 0.3-0.9 s.
 
 Usage:
     python benchmarks/trace_s3_save.py [--size-mb 128] [--rounds 3] [--server-returns-memory]
