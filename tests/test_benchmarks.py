@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,20 @@ def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
     assert {t["status"] for t in report["targets"]} <= {"PASS", "MISS", "SKIP"}
     assert len({t["target"] for t in report["targets"]}) == 6
     assert list(tmp_path.glob("bench-mirror-*")) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="moto (the dev extra) is not installed")
+def test_the_s3_server_runs_with_the_environment_it_is_given() -> None:
+    """moto_server(env=...): the server's own process has those variables (SERVER_ENV reaches moto, not this one)."""
+    import psutil  # type: ignore[import-untyped]
+
+    import crash_child
+
+    with crash_child.moto_server(env={"MALLOC_ARENA_MAX": "1", "BGSAVE_SERVER_CHECK": "yes"}):
+        (server,) = [p for p in psutil.Process().children() if "moto.server" in p.cmdline()]
+        assert server.environ()["BGSAVE_SERVER_CHECK"] == "yes"
+        assert server.environ()["MALLOC_ARENA_MAX"] == "1"
+    assert "BGSAVE_SERVER_CHECK" not in os.environ
 
 
 @pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="moto (the dev extra) is not installed")
