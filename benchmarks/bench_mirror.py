@@ -1,7 +1,9 @@
 """Mirror and parallel parts: bgsave's uploads and loads against boto3's TransferManager, on loopback S3.
 
-For each of --sizes (MiB of float32 weights, default 128 and 1024), round-robin rounds, medians of
---repeats, every sample on a fresh prefix (deleted afterwards, untimed, then --settle seconds of rest):
+For each of --sizes (MiB of float32 weights, default 128 and 1024), rounds of every method in balanced
+orders (each right after every other equally often: all of them over 2n rounds for n methods, 18 for
+the uploads), medians of --repeats, every sample on a fresh prefix (deleted afterwards, untimed, then
+--settle seconds of rest):
 
   transfer_manager   boto3 ``upload_file`` of the committed ``model_0001.pt`` (TransferConfig: 8 MiB parts,
                      max_concurrency=10): the reference every upload is held to
@@ -83,7 +85,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from harness.capped_proxy import CappedProxy, check_cap
-from harness.measure import MB, BenchModel, PeakRSS, model_bytes, own_rss
+from harness.measure import MB, BenchModel, PeakRSS, balanced_orders, model_bytes, own_rss
 from harness.report import RESULTS_DIR, make_target, versions, write_report
 
 import crash_child  # the moto-server-in-its-own-process helper the crash tests use
@@ -366,7 +368,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [s["error"] for s in samples if "error" in s]
     if times:
         out.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times))
-        for key in sorted({k for s in samples for k in s} - {"s", "round", "error", "proxy"}):
+        for key in sorted({k for s in samples for k in s} - {"s", "round", "after", "error", "proxy"}):
             values = [s[key] for s in samples if isinstance(s.get(key), (int, float))]
             if values:
                 out[f"{key}_median"] = statistics.median(values)
@@ -382,7 +384,12 @@ def run_rounds(
     tag: str,
     proxy: CappedProxy | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each method once per round, the order rotated every round; a fresh prefix per sample, cleaned after.
+    """Each method once per round, in balanced orders; a fresh prefix per sample, cleaned after.
+
+    The orders are :func:`~harness.measure.balanced_orders`: over every ``2n`` rounds (``n`` rounds for an
+    even ``n`` of methods) each method comes right after every other equally often. Each sample records
+    the method that ran before it (``after``): what one leaves behind lands on all the others alike.
+    Rotating one order, as this did up to 2026-12-06, kept each method's predecessor fixed.
 
     After each clean-up the run waits ``--settle`` seconds (harness/measure.py's ``run_rounds`` says why):
     every sample frees memory (moto drops the object; a manager its snapshot and parts), and a sample
@@ -391,15 +398,17 @@ def run_rounds(
     repeats = args.repeats
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
     names = list(methods)
+    orders = balanced_orders(len(names))
+    previous: str | None = None
     for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in [names[i] for i in orders[round_ % len(orders)]]:
             prefix = f"{tag}-{name}/{round_}"
             before = proxy.stats() if proxy is not None else None
             try:
-                sample = {"round": round_, **methods[name](prefix)}
+                sample = {"round": round_, "after": previous, **methods[name](prefix)}
             except Exception as exc:  # a part still being built: recorded, the run goes on
-                sample = {"round": round_, "error": f"{type(exc).__name__}: {exc}"}
+                sample = {"round": round_, "after": previous, "error": f"{type(exc).__name__}: {exc}"}
+            previous = name
             if proxy is not None and before is not None:
                 sample["proxy"] = proxy.stats().since(before)
             size.clean(prefix)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -190,6 +191,21 @@ def test_the_mirror_benchmarks_interval_holds_the_paired_ratio(monkeypatch: pyte
     assert bench.paired_interval(noisy, reference) == [low, high]  # a fixed seed
     assert bench.paired_interval(method([1.1] * 8), reference) == pytest.approx([1.1, 1.1])
     assert bench.paired_interval(method([1.0] * 4), reference) is None  # four rounds in common
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 9])
+def test_balanced_orders_put_each_method_after_every_other_equally_often(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """harness.measure.balanced_orders: every row a permutation; each ordered pair adjacent, each place taken, alike."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    rows = importlib.import_module("harness.measure").balanced_orders(n)
+    assert len(rows) == (2 * n if n % 2 and n > 1 else n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    pairs = [(a, b) for row in rows for a, b in itertools.pairwise(row)]
+    assert sorted(set(pairs)) == [(a, b) for a in range(n) for b in range(n) if a != b]
+    assert len(pairs) == len(set(pairs)) * (len(rows) // n)  # each pair as often as every other
+    assert all(sorted(row[place] for row in rows) == sorted(list(range(n)) * (len(rows) // n)) for place in range(n))
 
 
 def test_the_gpu_benchmark_runs_its_cpu_dry_run(tmp_path: Path) -> None:

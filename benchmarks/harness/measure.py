@@ -249,6 +249,32 @@ def timed(name: str, fn: Callable[[], object]) -> Callable[[], dict[str, float]]
     return call
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` methods in which each follows every other equally often (Williams' Latin square).
+
+    Rotating one order keeps each method's predecessor fixed (the one before it in the list), and
+    whatever a method leaves behind (memory freed, files deleted, a server's state) then lands on the
+    same method every round. Here each of the ``n * (n - 1)`` ordered pairs is adjacent once in ``n``
+    rows (``n`` even) or twice in ``2n`` (odd: the rows and their reverses), and each method takes each
+    place in a row equally often. Row ``i`` is the first row shifted by ``i``; the first row is
+    ``0, 1, n-1, 2, n-2, ...``.
+
+    Example:
+        >>> balanced_orders(4)
+        [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(m + shift) % n for m in first] for shift in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
+
+
 def run_rounds(methods: list[Method], repeats: int, rss: PeakRSS, settle: float) -> dict[str, Series]:
     """Run every method once per round, round-robin: round 0 is the warm-up, then ``repeats`` rounds.
 
