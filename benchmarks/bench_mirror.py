@@ -1,9 +1,9 @@
 """Mirror and parallel parts: bgsave's uploads and loads against boto3's TransferManager, on loopback S3.
 
 For each of --sizes (MiB of float32 weights, default 128 and 1024), rounds of every method in balanced
-orders (each right after every other equally often: all of them over 2n rounds for n methods, 18 for
-the uploads), medians of --repeats, every sample on a fresh prefix (deleted afterwards, untimed, then
---settle seconds of rest):
+orders (each right after every other equally often over 2n rounds for an odd n of methods, n for an
+even n: 18 for the 9 uploads), medians of --repeats, every sample on a fresh prefix (deleted
+afterwards, untimed, then --settle seconds of rest):
 
   transfer_manager   boto3 ``upload_file`` of the committed ``model_0001.pt`` (TransferConfig: 8 MiB parts,
                      max_concurrency=10): the reference every upload is held to
@@ -404,10 +404,11 @@ def run_rounds(
         for name in [names[i] for i in orders[round_ % len(orders)]]:
             prefix = f"{tag}-{name}/{round_}"
             before = proxy.stats() if proxy is not None else None
+            sample: dict[str, Any] = {"round": round_, "after": previous}
             try:
-                sample = {"round": round_, "after": previous, **methods[name](prefix)}
+                sample.update(methods[name](prefix))
             except Exception as exc:  # a part still being built: recorded, the run goes on
-                sample = {"round": round_, "after": previous, "error": f"{type(exc).__name__}: {exc}"}
+                sample["error"] = f"{type(exc).__name__}: {exc}"
             previous = name
             if proxy is not None and before is not None:
                 sample["proxy"] = proxy.stats().since(before)
